@@ -1,0 +1,1 @@
+//! The persistent catalog (filled in by its own change).

@@ -1,0 +1,1 @@
+//! Domain definitions (filled in by its own change).

@@ -1,0 +1,5 @@
+//! Domains: definitions (the libvirt-XML subset), the QEMU command line built from them, and
+//! the per-guest actor that alone owns a QEMU process and its QMP session.
+
+pub mod def;
+pub mod qemu_cmd;

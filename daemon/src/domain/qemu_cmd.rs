@@ -1,0 +1,1 @@
+//! The QEMU command line (filled in by its own change).

@@ -1,0 +1,1 @@
+//! The QMP client (filled in by its own change).

@@ -1,0 +1,65 @@
+//! Well-known names, interface names, object paths and option keys.
+//!
+//! Object path elements are built only from numeric ids, never from user-supplied names, so any
+//! domain or snapshot name is safe to use.
+
+/// The well-known bus name the daemon owns.
+pub const BUS_NAME: &str = "org.vmsnap.VmSnap1";
+/// The root object: `Manager` and `org.freedesktop.DBus.ObjectManager`.
+pub const ROOT_PATH: &str = "/org/vmsnap/VmSnap1";
+/// Interface of the root object.
+pub const MANAGER_INTERFACE: &str = "org.vmsnap.VmSnap1.Manager";
+/// Interface of each domain object.
+pub const DOMAIN_INTERFACE: &str = "org.vmsnap.VmSnap1.Domain";
+/// Interface of each snapshot object.
+pub const SNAPSHOT_INTERFACE: &str = "org.vmsnap.VmSnap1.Snapshot";
+/// Interface of each job object.
+pub const JOB_INTERFACE: &str = "org.vmsnap.VmSnap1.Job";
+/// Prefix of every error name the daemon returns.
+pub const ERROR_PREFIX: &str = "org.vmsnap.VmSnap1.Error";
+
+/// Object path of the domain with catalog id `id`.
+pub fn domain_path(id: i64) -> String {
+    format!("{ROOT_PATH}/domain/{id}")
+}
+
+/// Object path of snapshot `snapshot` of domain `domain`.
+pub fn snapshot_path(domain: i64, snapshot: i64) -> String {
+    format!("{ROOT_PATH}/domain/{domain}/snapshot/{snapshot}")
+}
+
+/// Object path of job number `id`.
+pub fn job_path(id: u64) -> String {
+    format!("{ROOT_PATH}/job/{id}")
+}
+
+/// The object path that means "none" in properties such as `CurrentSnapshot`.
+pub const NO_OBJECT: &str = "/";
+
+/// Domain states as the `State` property spells them.
+pub mod state {
+    /// Not running.
+    pub const SHUTOFF: &str = "shutoff";
+    /// Running.
+    pub const RUNNING: &str = "running";
+    /// Paused by a user or by an operation.
+    pub const PAUSED: &str = "paused";
+    /// The QEMU process ended without being asked to.
+    pub const CRASHED: &str = "crashed";
+}
+
+/// Option keys understood by the `a{sv}` options of mutating methods.
+pub mod option {
+    /// `b`: return the job's object path at once instead of waiting for the result.
+    pub const ASYNC: &str = "async";
+    /// `u`: seconds a graceful shutdown may take before giving up (or forcing, with `force`).
+    pub const TIMEOUT: &str = "timeout";
+    /// `b`: with `Shutdown`, destroy the guest when the timeout passes.
+    pub const FORCE: &str = "force";
+    /// `b`: with `Start`, leave the guest paused after start.
+    pub const PAUSED: &str = "paused";
+    /// `b`: with disk changes, only edit the definition (do not hot-plug).
+    pub const CONFIG_ONLY: &str = "config-only";
+    /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
+    pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
+}

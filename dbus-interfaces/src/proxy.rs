@@ -1,0 +1,140 @@
+//! Client-side proxies of the vmsnap interfaces.
+
+use std::collections::HashMap;
+
+use zbus::{OwnedObjectPath, OwnedVariant, Variant, proxy};
+
+/// Options dictionary as sent to mutating methods.
+pub type Options<'a> = HashMap<&'a str, Variant<'a>>;
+
+/// `org.vmsnap.VmSnap1.Manager` at the root object.
+#[proxy(
+    interface = "org.vmsnap.VmSnap1.Manager",
+    default_service = "org.vmsnap.VmSnap1",
+    default_path = "/org/vmsnap/VmSnap1"
+)]
+pub trait Manager {
+    /// Defines a managed domain from libvirt-style domain XML; returns its object path.
+    fn define_domain(
+        &self,
+        xml: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Forgets a shut-off domain.
+    fn undefine_domain(
+        &self,
+        name: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<(), crate::Error>;
+    /// Registers a QEMU started by someone else, by the path of its QMP socket.
+    fn attach_domain(
+        &self,
+        name: &str,
+        qmp_socket: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Every domain's object path.
+    fn list_domains(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
+    /// The object path of the domain with this name.
+    fn find_domain(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
+    /// The daemon's version.
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    /// A domain was defined or attached.
+    #[zbus(signal)]
+    fn domain_added(&self, domain: OwnedObjectPath, name: String) -> zbus::Result<()>;
+    /// A domain was undefined.
+    #[zbus(signal)]
+    fn domain_removed(&self, domain: OwnedObjectPath, name: String) -> zbus::Result<()>;
+}
+
+/// `org.vmsnap.VmSnap1.Domain` on `/org/vmsnap/VmSnap1/domain/<id>`.
+#[proxy(interface = "org.vmsnap.VmSnap1.Domain", default_service = "org.vmsnap.VmSnap1")]
+pub trait Domain {
+    /// Starts the guest (managed domains).
+    fn start(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
+    /// Asks the guest to power down; with `force`, destroys it after `timeout`.
+    fn shutdown(&self, options: HashMap<&str, Variant<'_>>)
+    -> Result<OwnedObjectPath, crate::Error>;
+    /// Stops the guest at once.
+    fn destroy(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
+    /// Pauses the guest's vCPUs.
+    fn pause(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
+    /// Resumes the guest's vCPUs.
+    fn resume(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
+    /// The domain's definition as XML.
+    fn get_xml(&self, options: HashMap<&str, Variant<'_>>) -> Result<String, crate::Error>;
+    /// Adds a disk (XML `<disk>` element) to the definition and, when running, to the guest.
+    fn attach_disk(
+        &self,
+        xml: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<(), crate::Error>;
+    /// Removes the disk with this target from the guest and the definition.
+    fn detach_disk(
+        &self,
+        target: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<(), crate::Error>;
+    /// The domain's name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// The domain's UUID.
+    #[zbus(property)]
+    fn uuid(&self) -> zbus::Result<String>;
+    /// `shutoff`, `running`, `paused` or `crashed`.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    /// `managed` (vmsnapd starts QEMU) or `attached` (someone else did).
+    #[zbus(property)]
+    fn kind(&self) -> zbus::Result<String>;
+    /// The current snapshot, or `/` when there is none.
+    #[zbus(property)]
+    fn current_snapshot(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The disks: (target, format, file, flags).
+    #[zbus(property)]
+    fn disks(&self) -> zbus::Result<Vec<(String, String, String, Vec<String>)>>;
+}
+
+/// `org.vmsnap.VmSnap1.Job` on `/org/vmsnap/VmSnap1/job/<n>`.
+#[proxy(interface = "org.vmsnap.VmSnap1.Job", default_service = "org.vmsnap.VmSnap1")]
+pub trait Job {
+    /// Asks the operation to stop; refused when `Cancelable` is false.
+    fn cancel(&self) -> Result<(), crate::Error>;
+    /// What the job does, e.g. `shutdown`.
+    #[zbus(property)]
+    fn operation(&self) -> zbus::Result<String>;
+    /// The domain the job works on.
+    #[zbus(property)]
+    fn domain(&self) -> zbus::Result<OwnedObjectPath>;
+    /// Progress from 0 to 1.
+    #[zbus(property)]
+    fn progress(&self) -> zbus::Result<f64>;
+    /// Whether `Progress` means anything yet.
+    #[zbus(property)]
+    fn progress_valid(&self) -> zbus::Result<bool>;
+    /// Bytes done so far.
+    #[zbus(property)]
+    fn bytes_done(&self) -> zbus::Result<u64>;
+    /// Bytes to do in all (0 when unknown).
+    #[zbus(property)]
+    fn bytes_total(&self) -> zbus::Result<u64>;
+    /// The current phase.
+    #[zbus(property)]
+    fn phase(&self) -> zbus::Result<String>;
+    /// Start time in microseconds since the Unix epoch.
+    #[zbus(property)]
+    fn start_time(&self) -> zbus::Result<u64>;
+    /// Whether `Cancel` may be called now.
+    #[zbus(property)]
+    fn cancelable(&self) -> zbus::Result<bool>;
+    /// Unique bus name of the caller that started the job.
+    #[zbus(property)]
+    fn owner(&self) -> zbus::Result<String>;
+    /// The job ended: success, error name (empty on success) and message.
+    #[zbus(signal)]
+    fn completed(&self, success: bool, error_name: String, message: String) -> zbus::Result<()>;
+}
+
+/// Convenience to turn an owned variant map into something printable in tests and the client.
+pub type Properties = HashMap<String, OwnedVariant>;
