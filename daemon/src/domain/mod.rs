@@ -3,3 +3,5 @@
 
 pub mod def;
 pub mod qemu_cmd;
+pub mod actor;
+pub mod state;

@@ -1,0 +1,156 @@
+//! Command-line syntax of `vmsnap`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+const EXIT_CODES: &str = "\
+EXIT CODES:
+  0  success
+  1  failed (QEMU error, internal failure, bus unreachable)
+  2  usage error
+  3  not found (no such domain, snapshot or job)
+  4  already exists
+  5  busy (another operation runs on the domain)
+  6  not authorised
+  7  invalid argument
+  8  unsupported
+  9  invalid state (e.g. the domain is not running)
+ 10  timed out
+ 11  cancelled";
+
+/// Command-line client of vmsnapd, the QEMU snapshot manager.
+#[derive(Parser, Debug)]
+#[command(version, about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Bus address (default: the system bus; DBUS_SYSTEM_BUS_ADDRESS is honoured).
+    #[arg(long, global = true, env = "VMSNAP_ADDRESS")]
+    pub address: Option<String>,
+    /// Use the session bus.
+    #[arg(long, global = true)]
+    pub session: bool,
+    /// Print results and errors as JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage domains.
+    #[command(subcommand)]
+    Domain(DomainCommand),
+    /// Print the client's and the daemon's versions.
+    Version,
+}
+
+/// `vmsnap domain ...`
+#[derive(Subcommand, Debug)]
+pub enum DomainCommand {
+    /// Define a managed domain from a libvirt-style domain XML file.
+    #[command(after_help = "Example:\n  vmsnap domain define web1.xml")]
+    Define {
+        /// The domain XML file.
+        file: PathBuf,
+    },
+    /// Forget a shut-off domain (its disk images are kept).
+    #[command(after_help = "Example:\n  vmsnap domain undefine web1")]
+    Undefine {
+        /// Domain name.
+        name: String,
+        /// Also forget the domain's snapshot records (their files are kept).
+        #[arg(long)]
+        snapshots_metadata: bool,
+    },
+    /// Register a QEMU started by someone else, by its QMP socket.
+    #[command(after_help = "Example:\n  vmsnap domain attach legacy --qmp /run/legacy/qmp.sock")]
+    Attach {
+        /// Name to give the domain.
+        name: String,
+        /// Absolute path of the QEMU's QMP socket.
+        #[arg(long)]
+        qmp: PathBuf,
+    },
+    /// Start a managed domain.
+    #[command(after_help = "Example:\n  vmsnap domain start web1 --paused")]
+    Start {
+        /// Domain name.
+        name: String,
+        /// Leave the vCPUs stopped.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Ask the guest to power off and wait for it.
+    #[command(after_help = "Example:\n  vmsnap domain shutdown web1 --timeout 60 --force")]
+    Shutdown {
+        /// Domain name.
+        name: String,
+        /// Seconds to wait (default 120).
+        #[arg(long)]
+        timeout: Option<u32>,
+        /// Destroy the guest when the timeout passes.
+        #[arg(long)]
+        force: bool,
+        /// Print the job's path and return at once.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop the guest at once.
+    #[command(after_help = "Example:\n  vmsnap domain destroy web1")]
+    Destroy {
+        /// Domain name.
+        name: String,
+    },
+    /// Pause the guest's vCPUs.
+    #[command(after_help = "Example:\n  vmsnap domain pause web1")]
+    Pause {
+        /// Domain name.
+        name: String,
+    },
+    /// Resume the guest's vCPUs.
+    #[command(after_help = "Example:\n  vmsnap domain resume web1")]
+    Resume {
+        /// Domain name.
+        name: String,
+    },
+    /// List domains.
+    #[command(after_help = "Example:\n  vmsnap domain list --json")]
+    List,
+    /// Show a domain's state and disks.
+    #[command(after_help = "Example:\n  vmsnap domain info web1")]
+    Info {
+        /// Domain name.
+        name: String,
+    },
+    /// Print a domain's definition as XML.
+    #[command(after_help = "Example:\n  vmsnap domain dumpxml web1 > web1.xml")]
+    Dumpxml {
+        /// Domain name.
+        name: String,
+    },
+    /// Add a disk (a `<disk>` XML file); hot-plugged when the guest runs.
+    #[command(after_help = "Example:\n  vmsnap domain attach-disk web1 data-disk.xml")]
+    AttachDisk {
+        /// Domain name.
+        name: String,
+        /// File holding one `<disk>` element.
+        file: PathBuf,
+        /// Only change the definition.
+        #[arg(long)]
+        config_only: bool,
+    },
+    /// Remove a disk by target; hot-unplugged when the guest runs.
+    #[command(after_help = "Example:\n  vmsnap domain detach-disk web1 sdb")]
+    DetachDisk {
+        /// Domain name.
+        name: String,
+        /// Target device, e.g. vdb.
+        target: String,
+        /// Only change the definition.
+        #[arg(long)]
+        config_only: bool,
+    },
+}

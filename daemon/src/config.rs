@@ -1,0 +1,52 @@
+//! Daemon configuration: where state and runtime files live and which bus to serve on.
+//!
+//! The defaults are the system paths a packaged daemon uses; every one can be overridden from
+//! the command line so that tests and the demo run on private directories and a private bus.
+
+use std::path::PathBuf;
+
+/// Default state directory (the catalog lives here).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmsnap";
+/// Default runtime directory (QMP sockets, pid files, QEMU logs).
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/vmsnap";
+
+/// Which message bus the daemon serves on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusChoice {
+    /// The system bus (`DBUS_SYSTEM_BUS_ADDRESS` is honoured).
+    System,
+    /// The session bus of the calling user.
+    Session,
+    /// A bus given by address, e.g. a private test bus.
+    Address(String),
+}
+
+/// Everything the daemon needs to know to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Persistent state: the catalog.
+    pub state_dir: PathBuf,
+    /// Volatile state: one directory per running guest.
+    pub runtime_dir: PathBuf,
+    /// The bus to own `org.vmsnap.VmSnap1` on.
+    pub bus: BusChoice,
+    /// The `qemu-system-x86_64` binary to launch managed guests with.
+    pub qemu_binary: PathBuf,
+}
+
+impl Config {
+    /// A configuration with the system defaults.
+    pub fn system_default() -> Self {
+        Config {
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            runtime_dir: PathBuf::from(DEFAULT_RUNTIME_DIR),
+            bus: BusChoice::System,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+        }
+    }
+
+    /// The runtime directory of the domain with catalog id `id`.
+    pub fn domain_runtime_dir(&self, id: i64) -> PathBuf {
+        self.runtime_dir.join("domains").join(id.to_string())
+    }
+}

@@ -1,0 +1,213 @@
+//! `org.vmsnap.VmSnap1.Domain` objects, one per domain, and the task that announces their
+//! property changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmsnap_dbus::Error;
+use vmsnap_dbus::names::{NO_OBJECT, domain_path, option, snapshot_path};
+use zbus::message::Header;
+use zbus::{ObjectServer, OwnedObjectPath, OwnedVariant, interface};
+
+use super::job::run_job;
+use super::options::Options;
+use super::wire_error;
+use crate::domain::actor::{DEFAULT_SHUTDOWN_TIMEOUT, DomainHandle, DomainInfo};
+use crate::domain::def::DiskDef;
+use crate::service::Service;
+
+/// The D-Bus face of a domain.
+pub struct DomainIface {
+    service: Arc<Service>,
+    handle: DomainHandle,
+}
+
+fn obj(s: String) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(s).expect("object paths are built from numeric ids")
+}
+
+fn caller(header: &Header<'_>) -> String {
+    header.sender().map(|s| s.to_string()).unwrap_or_default()
+}
+
+/// Disk rows as the `Disks` property shows them: (target, format, file, flags).
+fn disk_rows(info: &DomainInfo) -> Vec<(String, String, String, Vec<String>)> {
+    info.def
+        .disks
+        .iter()
+        .map(|d| {
+            let mut flags = vec![match d.bus {
+                crate::domain::def::DiskBus::Virtio => "virtio".to_string(),
+                crate::domain::def::DiskBus::Scsi => "scsi".to_string(),
+            }];
+            if d.readonly {
+                flags.push("readonly".into());
+            }
+            if d.shareable {
+                flags.push("shareable".into());
+            }
+            if d.transient {
+                flags.push("transient".into());
+            }
+            (d.target.clone(), d.format.as_str().to_string(), d.source.display().to_string(), flags)
+        })
+        .collect()
+}
+
+#[interface(name = "org.vmsnap.VmSnap1.Domain")]
+impl DomainIface {
+    /// Starts the guest. Option `paused` (b) leaves its vCPUs stopped.
+    async fn start(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        let opts = Options::parse("Start", options, &[option::PAUSED])?;
+        let paused = opts.bool(option::PAUSED)?.unwrap_or(false);
+        self.handle.start(paused).await.map_err(wire_error)
+    }
+
+    /// Asks the guest to power off and waits until it has (a job). Options: `timeout` (u,
+    /// seconds, default 120), `force` (b: destroy at the timeout instead of failing), `async`
+    /// (b: return the job at once). Returns the job path when asynchronous, `/` otherwise.
+    async fn shutdown(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse("Shutdown", options, &[option::TIMEOUT, option::FORCE, option::ASYNC])?;
+        let timeout = opts.uint(option::TIMEOUT)?.map(Duration::from_secs).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        let force = opts.bool(option::FORCE)?.unwrap_or(false);
+        let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let job = self.service.jobs.create("shutdown", self.handle.id().0, &caller(&header));
+        let handle = self.handle.clone();
+        let j = job.clone();
+        let (path, rx) =
+            run_job(server, &self.service, job, async move { handle.shutdown(timeout, force, j).await }).await?;
+        if is_async {
+            return Ok(path);
+        }
+        rx.await.map_err(|_| Error::Failed("the shutdown job ended without a result".into()))??;
+        Ok(obj(NO_OBJECT.to_string()))
+    }
+
+    /// Stops the guest at once (QEMU quits; killed if it does not).
+    async fn destroy(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        Options::parse("Destroy", options, &[])?;
+        self.handle.destroy().await.map_err(wire_error)
+    }
+
+    /// Pauses the guest's vCPUs.
+    async fn pause(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        Options::parse("Pause", options, &[])?;
+        self.handle.pause().await.map_err(wire_error)
+    }
+
+    /// Resumes the guest's vCPUs.
+    async fn resume(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        Options::parse("Resume", options, &[])?;
+        self.handle.resume().await.map_err(wire_error)
+    }
+
+    /// The domain's definition as XML.
+    async fn get_xml(&self, options: HashMap<String, OwnedVariant>) -> Result<String, Error> {
+        Options::parse("GetXml", options, &[])?;
+        Ok(self.handle.info().def.to_xml())
+    }
+
+    /// Adds a disk, given as a `<disk>` element, to the definition and, while the guest runs,
+    /// to the guest (hot-plug). Option `config-only` (b) skips the hot-plug.
+    async fn attach_disk(&self, xml: String, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        let opts = Options::parse("AttachDisk", options, &[option::CONFIG_ONLY])?;
+        let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
+        let disk = DiskDef::from_xml(&xml).map_err(|e| Error::InvalidArgument(format!("invalid disk: {e}")))?;
+        self.handle.attach_disk(disk, config_only).await.map_err(wire_error)
+    }
+
+    /// Removes the disk with this target from the guest (hot-unplug, which needs the guest's
+    /// cooperation for virtio disks) and from the definition. Option `config-only` (b).
+    async fn detach_disk(&self, target: String, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+        let opts = Options::parse("DetachDisk", options, &[option::CONFIG_ONLY])?;
+        let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
+        self.handle.detach_disk(target, config_only).await.map_err(wire_error)
+    }
+
+    /// The domain's name.
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.handle.name()
+    }
+
+    /// The domain's UUID.
+    #[zbus(property)]
+    async fn uuid(&self) -> String {
+        self.handle.info().def.uuid.to_string()
+    }
+
+    /// `shutoff`, `running`, `paused` or `crashed`.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.handle.info().state.as_str().to_string()
+    }
+
+    /// `managed` (vmsnapd starts its QEMU) or `attached` (someone else did).
+    #[zbus(property)]
+    async fn kind(&self) -> String {
+        match self.handle.info().kind {
+            crate::catalog::DomainKind::Managed => "managed".into(),
+            crate::catalog::DomainKind::Attached => "attached".into(),
+        }
+    }
+
+    /// The current snapshot, or `/` when there is none.
+    #[zbus(property)]
+    async fn current_snapshot(&self) -> OwnedObjectPath {
+        let info = self.handle.info();
+        match info.current_snapshot {
+            Some(s) => obj(snapshot_path(info.id.0, s.0)),
+            None => obj(NO_OBJECT.to_string()),
+        }
+    }
+
+    /// The disks: (target, format, file, flags) where flags hold the bus and any of
+    /// `readonly`, `shareable`, `transient`.
+    #[zbus(property)]
+    async fn disks(&self) -> Vec<(String, String, String, Vec<String>)> {
+        disk_rows(&self.handle.info())
+    }
+}
+
+/// Serves a domain's object and starts the task that announces its property changes.
+pub async fn register_domain(
+    server: &ObjectServer,
+    service: &Arc<Service>,
+    handle: DomainHandle,
+) -> Result<OwnedObjectPath, Error> {
+    let path = obj(domain_path(handle.id().0));
+    let mut watch = handle.watch();
+    server.at(path.as_ref(), DomainIface { service: service.clone(), handle }).await?;
+    let server = server.clone();
+    let p = path.clone();
+    tokio::spawn(async move {
+        let mut last = watch.borrow_and_update().clone();
+        while watch.changed().await.is_ok() {
+            let now = watch.borrow_and_update().clone();
+            let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else { break };
+            let e = iface.signal_emitter();
+            let i = iface.get().await;
+            // A failed emission only means nobody was told; the properties stay right.
+            if last.state != now.state {
+                let _ = i.state_changed(e).await;
+            }
+            if last.current_snapshot != now.current_snapshot {
+                let _ = i.current_snapshot_changed(e).await;
+            }
+            if disk_rows(&last) != disk_rows(&now) {
+                let _ = i.disks_changed(e).await;
+            }
+            if last.def.name != now.def.name {
+                let _ = i.name_changed(e).await;
+            }
+            last = now;
+        }
+    });
+    Ok(path)
+}

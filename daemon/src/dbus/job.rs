@@ -1,0 +1,189 @@
+//! `org.vmsnap.VmSnap1.Job` objects: one per long operation, removed a little after it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmsnap_dbus::Error;
+use vmsnap_dbus::names::{domain_path, job_path};
+use zbus::object_server::SignalEmitter;
+use zbus::{ObjectServer, OwnedObjectPath, interface};
+
+use super::wire_error;
+use crate::error::ServiceResult;
+use crate::job::{Job, JobStatus};
+use crate::service::Service;
+
+/// How long a finished job's object stays on the bus, so that a caller that started it
+/// asynchronously can still read its final state.
+pub const JOB_LINGER: Duration = Duration::from_secs(10);
+
+/// The D-Bus face of a job.
+pub struct JobIface {
+    job: Arc<Job>,
+}
+
+fn obj(s: String) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(s).expect("object paths are built from numeric ids")
+}
+
+#[interface(name = "org.vmsnap.VmSnap1.Job")]
+impl JobIface {
+    /// Asks the operation to stop; refused with `Unsupported` when it cannot stop now.
+    async fn cancel(&self) -> Result<(), Error> {
+        if self.job.cancel() {
+            Ok(())
+        } else {
+            Err(Error::Unsupported(format!(
+                "job {} ({}) cannot be cancelled now",
+                self.job.id(),
+                self.job.status().operation
+            )))
+        }
+    }
+
+    /// What the job does, e.g. `shutdown`.
+    #[zbus(property)]
+    async fn operation(&self) -> String {
+        self.job.status().operation
+    }
+
+    /// The domain the job works on.
+    #[zbus(property)]
+    async fn domain(&self) -> OwnedObjectPath {
+        obj(domain_path(self.job.status().domain))
+    }
+
+    /// Progress from 0 to 1.
+    #[zbus(property)]
+    async fn progress(&self) -> f64 {
+        self.job.status().progress
+    }
+
+    /// Whether `Progress` means anything yet.
+    #[zbus(property)]
+    async fn progress_valid(&self) -> bool {
+        self.job.status().progress_valid
+    }
+
+    /// Bytes done so far.
+    #[zbus(property)]
+    async fn bytes_done(&self) -> u64 {
+        self.job.status().bytes_done
+    }
+
+    /// Bytes to do in all; 0 when unknown.
+    #[zbus(property)]
+    async fn bytes_total(&self) -> u64 {
+        self.job.status().bytes_total
+    }
+
+    /// The current phase.
+    #[zbus(property)]
+    async fn phase(&self) -> String {
+        self.job.status().phase
+    }
+
+    /// Start time, microseconds since the Unix epoch.
+    #[zbus(property)]
+    async fn start_time(&self) -> u64 {
+        self.job.status().start_time_us
+    }
+
+    /// Whether `Cancel` would be honoured now.
+    #[zbus(property)]
+    async fn cancelable(&self) -> bool {
+        self.job.status().cancelable
+    }
+
+    /// Unique bus name of the caller that started the job.
+    #[zbus(property)]
+    async fn owner(&self) -> String {
+        self.job.status().owner
+    }
+
+    /// The job ended: success, the error's name (empty on success) and a message.
+    #[zbus(signal)]
+    async fn completed(
+        emitter: &SignalEmitter<'_>,
+        success: bool,
+        error_name: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
+}
+
+async fn announce_changes(server: &ObjectServer, path: &OwnedObjectPath, old: &JobStatus, new: &JobStatus) {
+    let Ok(iface) = server.interface::<_, JobIface>(path.as_ref()).await else { return };
+    let e = iface.signal_emitter();
+    let i = iface.get().await;
+    // Errors here only mean nobody could be told; the property values stay right.
+    if old.phase != new.phase {
+        let _ = i.phase_changed(e).await;
+    }
+    if old.progress != new.progress {
+        let _ = i.progress_changed(e).await;
+    }
+    if old.progress_valid != new.progress_valid {
+        let _ = i.progress_valid_changed(e).await;
+    }
+    if old.bytes_done != new.bytes_done {
+        let _ = i.bytes_done_changed(e).await;
+    }
+    if old.bytes_total != new.bytes_total {
+        let _ = i.bytes_total_changed(e).await;
+    }
+    if old.cancelable != new.cancelable {
+        let _ = i.cancelable_changed(e).await;
+    }
+}
+
+/// Runs `op` as job `job`: serves the job object, forwards its property changes, emits
+/// `Completed`, and removes the object after `JOB_LINGER`. Returns the job's path and a
+/// receiver of the operation's result.
+pub async fn run_job<T, F>(
+    server: &ObjectServer,
+    service: &Arc<Service>,
+    job: Arc<Job>,
+    op: F,
+) -> Result<(OwnedObjectPath, tokio::sync::oneshot::Receiver<Result<T, Error>>), Error>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+{
+    let path = obj(job_path(job.id().0));
+    server.at(path.as_ref(), JobIface { job: job.clone() }).await?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let server = server.clone();
+    let service = service.clone();
+    let p = path.clone();
+    tokio::spawn(async move {
+        let mut status = job.subscribe();
+        let mut last = status.borrow_and_update().clone();
+        let forward = async {
+            while status.changed().await.is_ok() {
+                let now = status.borrow_and_update().clone();
+                announce_changes(&server, &p, &last, &now).await;
+                last = now;
+            }
+        };
+        let result = tokio::select! {
+            r = op => r,
+            _ = forward => unreachable!("the job's sender lives as long as the job"),
+        };
+        job.finish();
+        let result = result.map_err(wire_error);
+        if let Ok(iface) = server.interface::<_, JobIface>(p.as_ref()).await {
+            let final_status = job.status();
+            announce_changes(&server, &p, &last, &final_status).await;
+            let (ok, name, msg) = match &result {
+                Ok(_) => (true, String::new(), String::new()),
+                Err(e) => (false, format!("{}.{}", vmsnap_dbus::names::ERROR_PREFIX, e.short_name()), e.message()),
+            };
+            let _ = JobIface::completed(iface.signal_emitter(), ok, &name, &msg).await;
+        }
+        let _ = tx.send(result);
+        tokio::time::sleep(JOB_LINGER).await;
+        let _ = server.remove::<JobIface, _>(p.as_ref()).await;
+        service.jobs.remove(job.id());
+    });
+    Ok((path, rx))
+}

@@ -1,0 +1,69 @@
+//! The D-Bus adapter: translate arguments, call the service, translate results and errors back.
+//!
+//! Nothing here decides anything about guests. Objects: the root (`Manager` and
+//! `org.freedesktop.DBus.ObjectManager`), one object per domain and one per live job; object
+//! paths carry catalog ids and job numbers, never user-supplied names. Property changes are
+//! announced by forwarder tasks that watch the service's channels.
+
+mod domain;
+mod job;
+mod manager;
+mod options;
+
+use std::sync::Arc;
+
+use vmsnap_dbus::Error;
+use vmsnap_dbus::names::{BUS_NAME, ROOT_PATH};
+use zbus::connection::Builder;
+use zbus::fdo::ObjectManager;
+
+use crate::config::BusChoice;
+use crate::error::ServiceError;
+use crate::service::Service;
+
+pub use domain::register_domain;
+pub use manager::ManagerIface;
+
+/// Maps a service error to its wire error. Exhaustive on purpose: a new service error must
+/// be given a wire name here.
+pub fn wire_error(e: ServiceError) -> Error {
+    let msg = e.to_string();
+    match e {
+        ServiceError::NoSuchDomain(_) => Error::NoSuchDomain(msg),
+        ServiceError::NoSuchJob(_) => Error::NoSuchJob(msg),
+        ServiceError::AlreadyExists(_) => Error::AlreadyExists(msg),
+        ServiceError::InvalidArgument(_) | ServiceError::Definition(_) => Error::InvalidArgument(msg),
+        ServiceError::Unsupported(_) => Error::Unsupported(msg),
+        ServiceError::InvalidState(_) => Error::InvalidState(msg),
+        ServiceError::Busy(_) => Error::Busy(msg),
+        ServiceError::Cancelled(_) => Error::Cancelled(msg),
+        ServiceError::Timeout(_) => Error::Timeout(msg),
+        ServiceError::Qemu { .. } => Error::QemuError(msg),
+        ServiceError::Catalog(crate::catalog::CatalogError::AlreadyExists(_)) => Error::AlreadyExists(msg),
+        ServiceError::Catalog(_) | ServiceError::Io { .. } | ServiceError::Gone(_) => {
+            tracing::error!(error = ?e, "internal failure");
+            Error::Failed(msg)
+        }
+    }
+}
+
+/// Connects to the bus, serves every object and then takes the well-known name, so that a
+/// caller who sees the name also sees the objects.
+pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus::Connection> {
+    let builder = match bus {
+        BusChoice::System => Builder::system(),
+        BusChoice::Session => Builder::session(),
+        BusChoice::Address(a) => Builder::address(a.as_str()),
+    };
+    let conn = builder
+        .serve_at(ROOT_PATH, ObjectManager)
+        .serve_at(ROOT_PATH, ManagerIface::new(service.clone()))
+        .build()
+        .await?;
+    let server = conn.object_server();
+    for handle in service.domains() {
+        register_domain(&server, &service, handle).await?;
+    }
+    conn.request_name(BUS_NAME).await?;
+    Ok(conn)
+}

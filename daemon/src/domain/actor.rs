@@ -1,0 +1,1091 @@
+//! The per-guest actor: the one owner of a domain's QEMU process and QMP session.
+//!
+//! D-Bus handlers never touch a guest directly; they send a `Request` to its actor through a
+//! `DomainHandle` and await the reply, so requests on one domain are serialized by
+//! construction and different domains proceed in parallel. The actor publishes what observers
+//! need (`DomainInfo`: state, definition, current snapshot) on a watch channel.
+//!
+//! Waiting does not block the actor: a graceful shutdown or a hot-unplug that needs the
+//! guest's cooperation is kept as a pending request with a deadline, and the loop goes on
+//! handling QMP events, process exit and other requests meanwhile.
+//!
+//! Managed guests are started in their own process group with their output going to a log
+//! file, so they survive the daemon; a restarted daemon re-attaches through the pid file and
+//! the QMP socket in the domain's runtime directory.
+
+use std::future::pending;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::def::{DiskDef, DomainDef};
+use super::qemu_cmd::{self, LaunchOptions, LaunchPaths};
+use super::state::{GuestEvent, GuestState};
+use crate::catalog::{Catalog, DomainId, DomainKind, SnapshotId};
+use crate::config::Config;
+use crate::error::{ServiceError, ServiceResult};
+use crate::job::Job;
+use crate::qmp::{Event, Qmp};
+
+/// How long QEMU may take from spawn to an answering QMP socket.
+pub const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a re-attach may wait for an existing QEMU's QMP socket.
+pub const REATTACH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `Destroy` waits for QEMU to exit after `quit` before killing it.
+pub const DESTROY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a graceful shutdown may take.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a hot-unplug waits for the guest to release the device.
+pub const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Depth of a domain's request queue.
+const REQUEST_QUEUE: usize = 32;
+
+/// What observers may know about a domain at any moment.
+#[derive(Debug, Clone)]
+pub struct DomainInfo {
+    /// Catalog id.
+    pub id: DomainId,
+    /// Managed or attached.
+    pub kind: DomainKind,
+    /// Current state.
+    pub state: GuestState,
+    /// The current snapshot, if any.
+    pub current_snapshot: Option<SnapshotId>,
+    /// The current definition (for attached domains, the discovered one).
+    pub def: DomainDef,
+    /// The QMP socket of an attached domain.
+    pub qmp_socket: Option<PathBuf>,
+}
+
+type Reply<T> = oneshot::Sender<ServiceResult<T>>;
+
+/// A request to a domain's actor.
+enum Request {
+    Start { paused: bool, reply: Reply<()> },
+    Shutdown { timeout: Duration, force: bool, job: Arc<Job>, reply: Reply<()> },
+    Destroy { reply: Reply<()> },
+    Pause { reply: Reply<()> },
+    Resume { reply: Reply<()> },
+    AttachDisk { disk: DiskDef, config_only: bool, reply: Reply<()> },
+    DetachDisk { target: String, config_only: bool, reply: Reply<()> },
+    Hmp { command: String, reply: Reply<String> },
+    Stop { reply: oneshot::Sender<()> },
+}
+
+/// A cheap, cloneable reference to a domain's actor.
+#[derive(Clone)]
+pub struct DomainHandle {
+    id: DomainId,
+    tx: mpsc::Sender<Request>,
+    info: watch::Receiver<DomainInfo>,
+}
+
+impl std::fmt::Debug for DomainHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DomainHandle").field("id", &self.id).finish()
+    }
+}
+
+impl DomainHandle {
+    /// The domain's catalog id.
+    pub fn id(&self) -> DomainId {
+        self.id
+    }
+
+    /// The current information.
+    pub fn info(&self) -> DomainInfo {
+        self.info.borrow().clone()
+    }
+
+    /// The domain's name.
+    pub fn name(&self) -> String {
+        self.info.borrow().def.name.clone()
+    }
+
+    /// A receiver that sees every change of the information.
+    pub fn watch(&self) -> watch::Receiver<DomainInfo> {
+        self.info.clone()
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> ServiceResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| ServiceError::Gone(self.name()))?;
+        rx.await.map_err(|_| ServiceError::Gone(self.name()))?
+    }
+
+    /// Starts a managed guest, paused or running.
+    pub async fn start(&self, paused: bool) -> ServiceResult<()> {
+        self.call(|reply| Request::Start { paused, reply }).await
+    }
+
+    /// Asks the guest to power off and waits for it, destroying it at the deadline when
+    /// `force` is set. Progress and cancellation go through `job`.
+    pub async fn shutdown(&self, timeout: Duration, force: bool, job: Arc<Job>) -> ServiceResult<()> {
+        self.call(|reply| Request::Shutdown { timeout, force, job, reply }).await
+    }
+
+    /// Stops the guest at once.
+    pub async fn destroy(&self) -> ServiceResult<()> {
+        self.call(|reply| Request::Destroy { reply }).await
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn pause(&self) -> ServiceResult<()> {
+        self.call(|reply| Request::Pause { reply }).await
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn resume(&self) -> ServiceResult<()> {
+        self.call(|reply| Request::Resume { reply }).await
+    }
+
+    /// Adds a disk to the definition and, when the guest runs, hot-plugs it.
+    pub async fn attach_disk(&self, disk: DiskDef, config_only: bool) -> ServiceResult<()> {
+        self.call(|reply| Request::AttachDisk { disk, config_only, reply }).await
+    }
+
+    /// Removes a disk from the guest (waiting for the guest to release it) and the definition.
+    pub async fn detach_disk(&self, target: String, config_only: bool) -> ServiceResult<()> {
+        self.call(|reply| Request::DetachDisk { target, config_only, reply }).await
+    }
+
+    /// Runs a human monitor command (used by tests and diagnostics).
+    pub async fn hmp(&self, command: String) -> ServiceResult<String> {
+        self.call(|reply| Request::Hmp { command, reply }).await
+    }
+
+    /// Stops serving the domain, leaving its guest as it is. Returns once the actor ended.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request::Stop { reply: tx }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// What every actor shares with the service.
+#[derive(Clone)]
+pub struct Shared {
+    /// The daemon's configuration.
+    pub config: Arc<Config>,
+    /// The catalog.
+    pub catalog: Arc<Mutex<Catalog>>,
+}
+
+struct PendingShutdown {
+    deadline: Instant,
+    force: bool,
+    job: Arc<Job>,
+    reply: Reply<()>,
+}
+
+struct PendingDetach {
+    target: String,
+    deadline: Instant,
+    reply: Option<Reply<()>>,
+}
+
+struct Actor {
+    shared: Shared,
+    info: watch::Sender<DomainInfo>,
+    rx: mpsc::Receiver<Request>,
+    qmp: Option<Qmp>,
+    events: Option<broadcast::Receiver<Event>>,
+    exit_rx: Option<oneshot::Receiver<std::io::Result<std::process::ExitStatus>>>,
+    pid: Option<i32>,
+    expecting_exit: bool,
+    pending_shutdown: Option<PendingShutdown>,
+    pending_detach: Vec<PendingDetach>,
+}
+
+enum Wake {
+    Request(Option<Request>),
+    Event(Option<Event>),
+    QmpClosed,
+    Exited(std::io::Result<std::process::ExitStatus>),
+    Deadline,
+    ShutdownCancelled,
+}
+
+/// Spawns the actor of a domain. For a managed domain it first re-attaches to a QEMU left
+/// running by an earlier daemon; an attached domain may be handed its first QMP connection.
+pub async fn spawn(
+    shared: Shared,
+    id: DomainId,
+    kind: DomainKind,
+    def: DomainDef,
+    current_snapshot: Option<SnapshotId>,
+    qmp_socket: Option<PathBuf>,
+    connection: Option<(Qmp, broadcast::Receiver<Event>)>,
+) -> DomainHandle {
+    let (info_tx, info_rx) = watch::channel(DomainInfo {
+        id,
+        kind,
+        state: GuestState::Shutoff,
+        current_snapshot,
+        def,
+        qmp_socket,
+    });
+    let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
+    let mut actor = Actor {
+        shared,
+        info: info_tx,
+        rx,
+        qmp: None,
+        events: None,
+        exit_rx: None,
+        pid: None,
+        expecting_exit: false,
+        pending_shutdown: None,
+        pending_detach: Vec::new(),
+    };
+    match connection {
+        Some((qmp, events)) => actor.adopt(qmp, events).await,
+        None => actor.reattach().await,
+    }
+    tokio::spawn(actor.run());
+    DomainHandle { id, tx, info: info_rx }
+}
+
+async fn next_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event> {
+    let Some(rx) = rx else { return pending().await };
+    loop {
+        match rx.recv().await {
+            Ok(ev) => return Some(ev),
+            Err(broadcast::error::RecvError::Lagged(n)) => warn!(missed = n, "QMP events lost"),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+async fn qmp_closed(qmp: &Option<Qmp>) {
+    match qmp {
+        Some(q) => q.closed().await,
+        None => pending().await,
+    }
+}
+
+async fn child_exit(
+    rx: &mut Option<oneshot::Receiver<std::io::Result<std::process::ExitStatus>>>,
+) -> std::io::Result<std::process::ExitStatus> {
+    match rx {
+        Some(r) => r.await.unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended"))),
+        None => pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => pending().await,
+    }
+}
+
+async fn shutdown_cancelled(p: &Option<PendingShutdown>) {
+    match p {
+        Some(p) => p.job.cancel_token().cancelled().await,
+        None => pending().await,
+    }
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+fn process_alive(pid: i32) -> bool {
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+/// Whether process `pid` was started with `needle` on its command line (guards against a
+/// recycled pid in a stale pid file).
+fn cmdline_mentions(pid: i32, needle: &Path) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let needle = needle.to_string_lossy();
+    raw.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle.as_ref()))
+}
+
+impl Actor {
+    fn name(&self) -> String {
+        self.info.borrow().def.name.clone()
+    }
+
+    fn state(&self) -> GuestState {
+        self.info.borrow().state
+    }
+
+    fn apply(&self, event: GuestEvent) {
+        self.info.send_if_modified(|i| {
+            let next = i.state.transition(event);
+            let changed = next != i.state;
+            if changed {
+                info!(domain = %i.def.name, from = i.state.as_str(), to = next.as_str(), "state changed");
+            }
+            i.state = next;
+            changed
+        });
+    }
+
+    fn id(&self) -> DomainId {
+        self.info.borrow().id
+    }
+
+    fn kind(&self) -> DomainKind {
+        self.info.borrow().kind
+    }
+
+    fn runtime_dir(&self) -> PathBuf {
+        self.shared.config.domain_runtime_dir(self.id().0)
+    }
+
+    fn paths(&self) -> LaunchPaths {
+        let dir = self.runtime_dir();
+        LaunchPaths {
+            qmp_socket: dir.join("qmp.sock"),
+            pidfile: dir.join("qemu.pid"),
+            log_file: dir.join("qemu.log"),
+        }
+    }
+
+    fn transient_dir(&self) -> PathBuf {
+        self.shared.config.state_dir.join("transient").join(self.id().0.to_string())
+    }
+
+    fn qmp(&self) -> ServiceResult<&Qmp> {
+        self.qmp.as_ref().ok_or_else(|| {
+            ServiceError::InvalidState(format!("domain {:?} is not running", self.name()))
+        })
+    }
+
+    /// Takes over an existing QMP connection (attached domains).
+    async fn adopt(&mut self, qmp: Qmp, events: broadcast::Receiver<Event>) {
+        match qmp.query_status().await {
+            Ok(status) => {
+                self.qmp = Some(qmp);
+                self.events = Some(events);
+                self.apply(GuestEvent::Started { paused: !status.running });
+            }
+            Err(e) => warn!(domain = %self.name(), error = %e, "QEMU did not answer query-status"),
+        }
+    }
+
+    /// Finds a QEMU left running by an earlier daemon (managed) or reconnects to the QMP
+    /// socket of an attached domain.
+    async fn reattach(&mut self) {
+        let deadline = Instant::now() + REATTACH_TIMEOUT;
+        match self.kind() {
+            DomainKind::Attached => {
+                let Some(socket) = self.info.borrow().qmp_socket.clone() else { return };
+                match Qmp::connect(&socket, deadline).await {
+                    Ok((qmp, events)) => {
+                        info!(domain = %self.name(), "re-attached to foreign QEMU");
+                        self.adopt(qmp, events).await;
+                    }
+                    Err(e) => debug!(domain = %self.name(), error = %e, "attached QEMU not reachable"),
+                }
+            }
+            DomainKind::Managed => {
+                let paths = self.paths();
+                let pid = std::fs::read_to_string(&paths.pidfile)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok());
+                let live = pid.filter(|p| process_alive(*p) && cmdline_mentions(*p, &paths.qmp_socket));
+                let Some(pid) = live else {
+                    self.cleanup_runtime_files();
+                    self.discard_transient_overlays();
+                    return;
+                };
+                match Qmp::connect(&paths.qmp_socket, deadline).await {
+                    Ok((qmp, events)) => {
+                        info!(domain = %self.name(), pid, "re-attached to running guest");
+                        self.pid = Some(pid);
+                        self.adopt(qmp, events).await;
+                    }
+                    Err(e) => {
+                        warn!(domain = %self.name(), pid, error = %e,
+                            "QEMU is alive but its QMP socket does not answer; marking crashed");
+                        self.pid = Some(pid);
+                        self.info.send_modify(|i| i.state = GuestState::Crashed);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        loop {
+            let deadline = self.next_deadline();
+            let wake = tokio::select! {
+                req = self.rx.recv() => Wake::Request(req),
+                ev = next_event(&mut self.events) => Wake::Event(ev),
+                st = child_exit(&mut self.exit_rx) => Wake::Exited(st),
+                _ = qmp_closed(&self.qmp) => Wake::QmpClosed,
+                _ = sleep_until_opt(deadline) => Wake::Deadline,
+                _ = shutdown_cancelled(&self.pending_shutdown) => Wake::ShutdownCancelled,
+            };
+            match wake {
+                Wake::Request(None) => break,
+                Wake::Request(Some(Request::Stop { reply })) => {
+                    let _ = reply.send(());
+                    break;
+                }
+                Wake::Request(Some(req)) => self.handle(req).await,
+                Wake::Event(Some(ev)) => self.on_event(ev).await,
+                Wake::Event(None) => self.events = None,
+                Wake::Exited(status) => self.on_exit(Some(status)).await,
+                Wake::QmpClosed => self.on_qmp_closed().await,
+                Wake::Deadline => self.on_deadline().await,
+                Wake::ShutdownCancelled => {
+                    if let Some(p) = self.pending_shutdown.take() {
+                        p.job.finish();
+                        let _ = p.reply.send(Err(ServiceError::Cancelled(format!(
+                            "stopped waiting for domain {:?} to power off; the power-off \
+                             request already sent to the guest cannot be withdrawn",
+                            self.name()
+                        ))));
+                    }
+                }
+            }
+        }
+        debug!(domain = %self.name(), "actor stopped");
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let shutdown = self.pending_shutdown.as_ref().map(|p| p.deadline);
+        let detach = self.pending_detach.iter().filter(|d| d.reply.is_some()).map(|d| d.deadline).min();
+        match (shutdown, detach) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    async fn handle(&mut self, req: Request) {
+        match req {
+            Request::Start { paused, reply } => {
+                let r = self.start(paused).await;
+                let _ = reply.send(r);
+            }
+            Request::Shutdown { timeout, force, job, reply } => self.shutdown(timeout, force, job, reply).await,
+            Request::Destroy { reply } => {
+                let r = self.destroy().await;
+                let _ = reply.send(r);
+            }
+            Request::Pause { reply } => {
+                let r = self.pause().await;
+                let _ = reply.send(r);
+            }
+            Request::Resume { reply } => {
+                let r = self.resume().await;
+                let _ = reply.send(r);
+            }
+            Request::AttachDisk { disk, config_only, reply } => {
+                let r = self.attach_disk(disk, config_only).await;
+                let _ = reply.send(r);
+            }
+            Request::DetachDisk { target, config_only, reply } => {
+                self.detach_disk(target, config_only, reply).await;
+            }
+            Request::Hmp { command, reply } => {
+                let r = match self.qmp() {
+                    Ok(q) => q.human_monitor_command(&command).await.map_err(ServiceError::qemu("human monitor command")),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Request::Stop { .. } => unreachable!("handled by the loop"),
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        debug!(domain = %self.name(), event = %ev.name, "QMP event");
+        match ev.name.as_str() {
+            "STOP" => self.apply(GuestEvent::Stopped),
+            "RESUME" => self.apply(GuestEvent::Resumed),
+            "SHUTDOWN" => self.expecting_exit = true,
+            "DEVICE_DELETED" => {
+                if let Some(dev) = ev.data.get("device").and_then(Value::as_str) {
+                    let dev = dev.to_string();
+                    self.finish_detach(&dev).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn on_qmp_closed(&mut self) {
+        self.qmp = None;
+        self.events = None;
+        if self.exit_rx.is_some() {
+            // Our own child: its exit status arrives through the reaper in a moment.
+            return;
+        }
+        // Not our child (re-attached or foreign): the closed socket is the exit.
+        if let Some(pid) = self.pid {
+            let deadline = Instant::now() + DESTROY_TIMEOUT;
+            while process_alive(pid) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.on_exit(None).await;
+    }
+
+    async fn on_exit(&mut self, status: Option<std::io::Result<std::process::ExitStatus>>) {
+        let expected = self.expecting_exit;
+        match &status {
+            Some(Ok(st)) => info!(domain = %self.name(), status = %st, expected, "QEMU exited"),
+            Some(Err(e)) => warn!(domain = %self.name(), error = %e, "could not wait for QEMU"),
+            None => info!(domain = %self.name(), expected, "QEMU is gone"),
+        }
+        if !expected {
+            if let Some(tail) = self.log_tail() {
+                warn!(domain = %self.name(), log = %tail, "QEMU ended unexpectedly");
+            }
+        }
+        self.qmp = None;
+        self.events = None;
+        self.exit_rx = None;
+        self.pid = None;
+        self.expecting_exit = false;
+        self.apply(GuestEvent::Exited { expected });
+        if self.kind() == DomainKind::Managed {
+            self.cleanup_runtime_files();
+            self.discard_transient_overlays();
+        }
+        if let Some(p) = self.pending_shutdown.take() {
+            p.job.finish();
+            let _ = p.reply.send(Ok(()));
+        }
+        // The devices went away with the process: finish pending unplugs in the definition.
+        let targets: Vec<String> = self.pending_detach.iter().map(|d| d.target.clone()).collect();
+        for t in targets {
+            self.finish_detach(&t).await;
+        }
+    }
+
+    async fn on_deadline(&mut self) {
+        let now = Instant::now();
+        if self.pending_shutdown.as_ref().is_some_and(|p| p.deadline <= now) {
+            let p = self.pending_shutdown.take().expect("checked above");
+            if p.force {
+                p.job.set_phase("destroying");
+                p.job.set_cancelable(false);
+                let r = self.destroy().await;
+                p.job.finish();
+                let _ = p.reply.send(r);
+            } else {
+                p.job.finish();
+                let _ = p.reply.send(Err(ServiceError::Timeout(format!(
+                    "domain {:?} did not power off in time; it is still running",
+                    self.name()
+                ))));
+            }
+        }
+        let name = self.name();
+        for d in self.pending_detach.iter_mut().filter(|d| d.deadline <= now) {
+            if let Some(reply) = d.reply.take() {
+                let _ = reply.send(Err(ServiceError::Timeout(format!(
+                    "the guest of domain {name:?} did not release disk {} in time; the unplug \
+                     request stays pending and the disk is removed from the definition once \
+                     the guest releases it",
+                    d.target
+                ))));
+            }
+        }
+    }
+
+    fn log_tail(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.paths().log_file).ok()?;
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        (!lines.is_empty()).then(|| lines.into_iter().rev().collect::<Vec<_>>().join(" | "))
+    }
+
+    fn cleanup_runtime_files(&self) {
+        let paths = self.paths();
+        for p in [&paths.qmp_socket, &paths.pidfile] {
+            if let Err(e) = std::fs::remove_file(p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(path = %p.display(), error = %e, "could not remove runtime file");
+                }
+            }
+        }
+    }
+
+    fn discard_transient_overlays(&self) {
+        let dir = self.transient_dir();
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(dir = %dir.display(), error = %e, "could not discard transient overlays");
+            }
+        }
+    }
+
+    async fn start(&mut self, paused: bool) -> ServiceResult<()> {
+        let name = self.name();
+        if self.kind() == DomainKind::Attached {
+            return Err(ServiceError::Unsupported(format!(
+                "domain {name:?} is attached: its QEMU was started by someone else and vmsnapd \
+                 cannot start it"
+            )));
+        }
+        if self.state().is_active() {
+            return Err(ServiceError::InvalidState(format!("domain {name:?} is already running")));
+        }
+        let def = self.info.borrow().def.clone();
+        for disk in &def.disks {
+            std::fs::metadata(&disk.source).map_err(ServiceError::io(format!(
+                "disk {} of domain {name:?}: cannot use {}",
+                disk.target,
+                disk.source.display()
+            )))?;
+        }
+        let dir = self.runtime_dir();
+        create_private_dir(&dir)?;
+        self.cleanup_runtime_files();
+        self.discard_transient_overlays();
+        let mut opts = LaunchOptions { paused: true, incoming_defer: false, transient_overlays: Default::default() };
+        for disk in def.disks.iter().filter(|d| d.transient) {
+            let tdir = self.transient_dir();
+            create_private_dir(&tdir)?;
+            let overlay = tdir.join(format!("{}.qcow2", disk.target));
+            create_overlay(&overlay, &disk.source, disk.format.as_str()).await?;
+            opts.transient_overlays.insert(disk.target.clone(), overlay);
+        }
+        let paths = self.paths();
+        let args = qemu_cmd::qemu_args(&def, &paths, qemu_cmd::detect_accel(), &opts);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.log_file)
+            .map_err(ServiceError::io("cannot open the QEMU log file"))?;
+        let log2 = log.try_clone().map_err(ServiceError::io("cannot open the QEMU log file"))?;
+        let mut child = tokio::process::Command::new(&self.shared.config.qemu_binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: signals aimed at the daemon's group do not reach the
+            // guest, and the guest outlives the daemon.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(ServiceError::io(format!(
+                "cannot run {}",
+                self.shared.config.qemu_binary.display()
+            )))?;
+        let pid = child.id().map(|p| p as i32);
+        let (exit_tx, mut exit_rx) = oneshot::channel();
+        // The reaper: waits for the child so that it never lingers as a zombie.
+        tokio::spawn(async move {
+            let _ = exit_tx.send(child.wait().await);
+        });
+        info!(domain = %name, pid, "QEMU started");
+        let deadline = Instant::now() + QEMU_START_TIMEOUT;
+        let connected = tokio::select! {
+            r = Qmp::connect(&paths.qmp_socket, deadline) => r.map_err(ServiceError::qemu(format!("domain {name:?}: QEMU's QMP socket did not answer"))),
+            st = &mut exit_rx => {
+                let tail = self.log_tail().unwrap_or_default();
+                let how = match st { Ok(Ok(s)) => s.to_string(), _ => "unknown status".into() };
+                Err(ServiceError::Qemu {
+                    context: format!("domain {name:?}: QEMU exited during start ({how})"),
+                    source: crate::qmp::QmpError::Protocol(tail),
+                })
+            }
+        };
+        let (qmp, events) = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+                let _ = exit_rx.await;
+                self.cleanup_runtime_files();
+                self.discard_transient_overlays();
+                return Err(e);
+            }
+        };
+        self.qmp = Some(qmp.clone());
+        self.events = Some(events);
+        self.exit_rx = Some(exit_rx);
+        self.pid = pid;
+        self.expecting_exit = false;
+        if !paused {
+            qmp.cont().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot start the vCPUs")))?;
+        }
+        self.apply(GuestEvent::Started { paused });
+        Ok(())
+    }
+
+    async fn destroy(&mut self) -> ServiceResult<()> {
+        let name = self.name();
+        if !self.state().is_active() {
+            return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+        }
+        self.expecting_exit = true;
+        if let Some(q) = &self.qmp {
+            if let Err(e) = q.quit().await {
+                debug!(domain = %name, error = %e, "quit did not get an answer");
+            }
+        }
+        if let Some(mut rx) = self.exit_rx.take() {
+            let status = match tokio::time::timeout(DESTROY_TIMEOUT, &mut rx).await {
+                Ok(st) => st.unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended"))),
+                Err(_) => {
+                    warn!(domain = %name, "QEMU did not quit in time; killing it");
+                    if let Some(pid) = self.pid {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                    rx.await.unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended")))
+                }
+            };
+            self.on_exit(Some(status)).await;
+        } else {
+            // Not our child: wait for the QMP socket to close, then for the process to go.
+            if let Some(q) = self.qmp.clone() {
+                if tokio::time::timeout(DESTROY_TIMEOUT, q.closed()).await.is_err() {
+                    if let Some(pid) = self.pid {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    }
+                }
+            }
+            self.on_qmp_closed().await;
+        }
+        Ok(())
+    }
+
+    async fn pause(&mut self) -> ServiceResult<()> {
+        let name = self.name();
+        match self.state() {
+            GuestState::Running => {}
+            GuestState::Paused => return Err(ServiceError::InvalidState(format!("domain {name:?} is already paused"))),
+            GuestState::Shutoff | GuestState::Crashed => {
+                return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+            }
+        }
+        self.qmp()?.stop().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot pause")))?;
+        self.apply(GuestEvent::Stopped);
+        Ok(())
+    }
+
+    async fn resume(&mut self) -> ServiceResult<()> {
+        let name = self.name();
+        match self.state() {
+            GuestState::Paused => {}
+            GuestState::Running => return Err(ServiceError::InvalidState(format!("domain {name:?} is not paused"))),
+            GuestState::Shutoff | GuestState::Crashed => {
+                return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+            }
+        }
+        self.qmp()?.cont().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot resume")))?;
+        self.apply(GuestEvent::Resumed);
+        Ok(())
+    }
+
+    async fn shutdown(&mut self, timeout: Duration, force: bool, job: Arc<Job>, reply: Reply<()>) {
+        let name = self.name();
+        let refuse = if !self.state().is_active() {
+            Some(ServiceError::InvalidState(format!("domain {name:?} is not running")))
+        } else if self.pending_shutdown.is_some() {
+            Some(ServiceError::Busy(format!("domain {name:?} is already shutting down")))
+        } else {
+            None
+        };
+        if let Some(e) = refuse {
+            job.finish();
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let sent = match self.qmp() {
+            Ok(q) => q.system_powerdown().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot send the power-off request"))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            job.finish();
+            let _ = reply.send(Err(e));
+            return;
+        }
+        job.set_phase("waiting for the guest to power off");
+        job.set_cancelable(true);
+        self.pending_shutdown = Some(PendingShutdown { deadline: Instant::now() + timeout, force, job, reply });
+    }
+
+    fn persist_def(&self, def: &DomainDef) -> ServiceResult<()> {
+        let xml = def.to_xml();
+        self.shared.catalog.lock().expect("catalog lock poisoned").update_domain_xml(self.id(), &xml)?;
+        Ok(())
+    }
+
+    async fn attach_disk(&mut self, disk: DiskDef, config_only: bool) -> ServiceResult<()> {
+        let name = self.name();
+        let mut def = self.info.borrow().def.clone();
+        if def.disk(&disk.target).is_some() {
+            return Err(ServiceError::AlreadyExists(format!(
+                "domain {name:?} already has a disk {}",
+                disk.target
+            )));
+        }
+        if let Some(other) = def.disks.iter().find(|d| d.source == disk.source) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "{} is already disk {} of domain {name:?}",
+                disk.source.display(),
+                other.target
+            )));
+        }
+        check_image_format(&disk).await?;
+        let live = self.state().is_active() && !config_only;
+        if self.kind() == DomainKind::Attached && !live {
+            return Err(ServiceError::Unsupported(format!(
+                "domain {name:?} is attached: its configuration belongs to whoever started its \
+                 QEMU, so disks can only be hot-plugged while it runs"
+            )));
+        }
+        if disk.transient && live {
+            return Err(ServiceError::Unsupported(format!(
+                "disk {} is transient: transient disks can only be added while domain {name:?} \
+                 is shut off",
+                disk.target
+            )));
+        }
+        def.disks.push(disk.clone());
+        if live {
+            self.hotplug(&def, &disk).await?;
+        }
+        if let Err(e) = self.persist_def(&def) {
+            if live {
+                self.unplug_nodes(&disk.target).await;
+            }
+            return Err(e);
+        }
+        info!(domain = %name, target = %disk.target, live, "disk attached");
+        self.info.send_modify(|i| i.def = def);
+        Ok(())
+    }
+
+    async fn hotplug(&mut self, def: &DomainDef, disk: &DiskDef) -> ServiceResult<()> {
+        let name = self.name();
+        let qmp = self.qmp()?.clone();
+        let port = if disk.bus == super::def::DiskBus::Virtio && def.machine.contains("q35") {
+            Some(self.free_root_port(&qmp).await?)
+        } else {
+            None
+        };
+        let mut added: Vec<String> = Vec::new();
+        let mut result = Ok(());
+        for args in qemu_cmd::blockdev_add_args(disk) {
+            let node = args.get("node-name").and_then(Value::as_str).unwrap_or_default().to_string();
+            match qmp.blockdev_add(args).await {
+                Ok(_) => added.push(node),
+                Err(e) => {
+                    result = Err(ServiceError::qemu(format!("domain {name:?}: cannot open disk {}", disk.target))(e));
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            let dev = qemu_cmd::device_add_args(disk, &def.machine, port.as_deref());
+            if let Err(e) = qmp.device_add(dev).await {
+                result = Err(ServiceError::qemu(format!("domain {name:?}: cannot plug disk {}", disk.target))(e));
+            }
+        }
+        if result.is_err() {
+            for node in added.iter().rev() {
+                if let Err(e) = qmp.blockdev_del(node).await {
+                    warn!(domain = %name, node = %node, error = %e, "could not roll back a block node");
+                }
+            }
+        }
+        result
+    }
+
+    /// The first hot-plug root port with nothing behind it.
+    async fn free_root_port(&self, qmp: &Qmp) -> ServiceResult<String> {
+        let pci = qmp.execute("query-pci", None).await.map_err(ServiceError::qemu("cannot list PCI devices"))?;
+        let mut used = std::collections::BTreeSet::new();
+        let mut ports = Vec::new();
+        for bus in pci.as_array().into_iter().flatten() {
+            for dev in bus.get("devices").and_then(Value::as_array).into_iter().flatten() {
+                let Some(id) = dev.get("qdev_id").and_then(Value::as_str) else { continue };
+                if let Some(bridge) = dev.get("pci_bridge") {
+                    ports.push(id.to_string());
+                    if bridge.get("devices").and_then(Value::as_array).is_some_and(|d| !d.is_empty()) {
+                        used.insert(id.to_string());
+                    }
+                }
+            }
+        }
+        ports
+            .into_iter()
+            .filter(|p| p.starts_with("hp"))
+            .find(|p| !used.contains(p))
+            .ok_or_else(|| ServiceError::Unsupported(format!(
+                "domain {:?} has no free hot-plug slot left; add the disk while it is shut off",
+                self.name()
+            )))
+    }
+
+    async fn detach_disk(&mut self, target: String, config_only: bool, reply: Reply<()>) {
+        let name = self.name();
+        let def = self.info.borrow().def.clone();
+        if def.disk(&target).is_none() {
+            let _ = reply.send(Err(ServiceError::InvalidArgument(format!(
+                "domain {name:?} has no disk {target}"
+            ))));
+            return;
+        }
+        if self.pending_detach.iter().any(|d| d.target == target) {
+            let _ = reply.send(Err(ServiceError::Busy(format!(
+                "disk {target} of domain {name:?} is already being removed"
+            ))));
+            return;
+        }
+        let live = self.state().is_active() && !config_only;
+        if self.kind() == DomainKind::Attached && !live {
+            let _ = reply.send(Err(ServiceError::Unsupported(format!(
+                "domain {name:?} is attached: disks can only be hot-unplugged while it runs"
+            ))));
+            return;
+        }
+        if !live {
+            let r = self.remove_from_def(&target);
+            let _ = reply.send(r);
+            return;
+        }
+        let sent = match self.qmp() {
+            Ok(q) => q.device_del(&target).await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot unplug disk {target}"))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.pending_detach.push(PendingDetach {
+            target,
+            deadline: Instant::now() + DETACH_TIMEOUT,
+            reply: Some(reply),
+        });
+    }
+
+    fn remove_from_def(&mut self, target: &str) -> ServiceResult<()> {
+        let mut def = self.info.borrow().def.clone();
+        def.disks.retain(|d| d.target != target);
+        self.persist_def(&def)?;
+        info!(domain = %self.name(), target, "disk detached");
+        self.info.send_modify(|i| i.def = def);
+        Ok(())
+    }
+
+    /// Deletes the block nodes that served a disk whose device is gone.
+    async fn unplug_nodes(&self, target: &str) {
+        let Some(qmp) = self.qmp.clone() else { return };
+        let nodes = [qemu_cmd::format_node_name(target), qemu_cmd::file_node_name(target)];
+        for node in nodes {
+            if let Err(e) = qmp.blockdev_del(&node).await {
+                debug!(domain = %self.name(), node = %node, error = %e, "block node not deleted");
+            }
+        }
+    }
+
+    /// Completes the removal of a disk once its device is gone.
+    async fn finish_detach(&mut self, target: &str) {
+        let idx = self.pending_detach.iter().position(|d| d.target == target);
+        let in_def = self.info.borrow().def.disk(target).is_some();
+        if idx.is_none() && !in_def {
+            return;
+        }
+        self.unplug_nodes(target).await;
+        let r = if in_def { self.remove_from_def(target) } else { Ok(()) };
+        if let Some(i) = idx {
+            let d = self.pending_detach.remove(i);
+            if let Some(reply) = d.reply {
+                let _ = reply.send(r);
+            }
+        } else if let Err(e) = r {
+            warn!(domain = %self.name(), target, error = %e, "late unplug could not update the definition");
+        }
+    }
+}
+
+/// Creates a directory (and parents) readable only by the daemon's user.
+pub fn create_private_dir(dir: &Path) -> ServiceResult<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(ServiceError::io(format!("cannot create {}", dir.display())))
+}
+
+/// Runs `qemu-img` with `args`; returns stdout, or an error carrying stderr.
+pub async fn qemu_img(args: &[&std::ffi::OsStr]) -> ServiceResult<String> {
+    let out = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(ServiceError::io("cannot run qemu-img"))?;
+    if !out.status.success() {
+        return Err(ServiceError::Io {
+            context: "qemu-img failed".into(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+async fn create_overlay(overlay: &Path, backing: &Path, backing_format: &str) -> ServiceResult<()> {
+    qemu_img(&[
+        "create".as_ref(),
+        "-q".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        backing_format.as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        overlay.as_os_str(),
+    ])
+    .await
+    .map(|_| ())
+}
+
+/// Checks that a disk's file exists and really is in the declared format (a raw image that
+/// claims qcow2, or the reverse, is refused before QEMU sees it).
+pub async fn check_image_format(disk: &DiskDef) -> ServiceResult<()> {
+    let meta = std::fs::metadata(&disk.source).map_err(ServiceError::io(format!(
+        "disk {}: cannot use {}",
+        disk.target,
+        disk.source.display()
+    )))?;
+    if !meta.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
+        return Err(ServiceError::InvalidArgument(format!(
+            "disk {}: {} is neither a regular file nor a block device",
+            disk.target,
+            disk.source.display()
+        )));
+    }
+    let info = qemu_img(&["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), disk.source.as_os_str()]).await?;
+    let info: Value = serde_json::from_str(&info).map_err(|e| ServiceError::Io {
+        context: "cannot read qemu-img info".into(),
+        source: std::io::Error::other(e),
+    })?;
+    let found = info.get("format").and_then(Value::as_str).unwrap_or("unknown");
+    let declared = disk.format.as_str();
+    // A probe cannot tell raw from an unknown format, so only a mismatch between two formats
+    // qemu-img recognised is refused.
+    if found != declared {
+        return Err(ServiceError::InvalidArgument(format!(
+            "disk {}: {} is a {found} image, but the definition says {declared}",
+            disk.target,
+            disk.source.display()
+        )));
+    }
+    Ok(())
+}
