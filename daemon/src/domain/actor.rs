@@ -656,11 +656,14 @@ impl Actor {
             let tdir = self.transient_dir();
             create_private_dir(&tdir)?;
             let overlay = tdir.join(format!("{}.qcow2", disk.target));
-            create_overlay(&overlay, &disk.source, disk.format.as_str()).await?;
+            let args = qemu_cmd::transient_overlay_create_args(disk, &overlay);
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            qemu_img(&args).await?;
             opts.transient_overlays.insert(disk.target.clone(), overlay);
         }
         let paths = self.paths();
-        let args = qemu_cmd::qemu_args(&def, &paths, qemu_cmd::detect_accel(), &opts);
+        let args = qemu_cmd::qemu_args(&def, &paths, qemu_cmd::detect_accel(), &opts)
+            .map_err(|e| ServiceError::InvalidArgument(format!("domain {name:?}: {e}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -872,14 +875,18 @@ impl Actor {
     async fn hotplug(&mut self, def: &DomainDef, disk: &DiskDef) -> ServiceResult<()> {
         let name = self.name();
         let qmp = self.qmp()?.clone();
-        let port = if disk.bus == super::def::DiskBus::Virtio && def.machine.contains("q35") {
-            Some(self.free_root_port(&qmp).await?)
+        let ports = qemu_cmd::hotplug_root_ports(def);
+        let port = if disk.bus == super::def::DiskBus::Virtio && !ports.is_empty() {
+            Some(self.free_root_port(&qmp, &ports).await?)
         } else {
             None
         };
+        let plug_err = |e: qemu_cmd::CmdError| ServiceError::InvalidArgument(format!("domain {name:?}: {e}"));
+        let node_args = qemu_cmd::blockdev_add_args(disk, None).map_err(plug_err)?;
+        let dev = qemu_cmd::device_add_args(def, disk, port.as_deref()).map_err(plug_err)?;
         let mut added: Vec<String> = Vec::new();
         let mut result = Ok(());
-        for args in qemu_cmd::blockdev_add_args(disk) {
+        for args in node_args {
             let node = args.get("node-name").and_then(Value::as_str).unwrap_or_default().to_string();
             match qmp.blockdev_add(args).await {
                 Ok(_) => added.push(node),
@@ -890,7 +897,6 @@ impl Actor {
             }
         }
         if result.is_ok() {
-            let dev = qemu_cmd::device_add_args(disk, &def.machine, port.as_deref());
             if let Err(e) = qmp.device_add(dev).await {
                 result = Err(ServiceError::qemu(format!("domain {name:?}: cannot plug disk {}", disk.target))(e));
             }
@@ -906,15 +912,13 @@ impl Actor {
     }
 
     /// The first hot-plug root port with nothing behind it.
-    async fn free_root_port(&self, qmp: &Qmp) -> ServiceResult<String> {
+    async fn free_root_port(&self, qmp: &Qmp, ports: &[String]) -> ServiceResult<String> {
         let pci = qmp.execute("query-pci", None).await.map_err(ServiceError::qemu("cannot list PCI devices"))?;
         let mut used = std::collections::BTreeSet::new();
-        let mut ports = Vec::new();
         for bus in pci.as_array().into_iter().flatten() {
             for dev in bus.get("devices").and_then(Value::as_array).into_iter().flatten() {
                 let Some(id) = dev.get("qdev_id").and_then(Value::as_str) else { continue };
                 if let Some(bridge) = dev.get("pci_bridge") {
-                    ports.push(id.to_string());
                     if bridge.get("devices").and_then(Value::as_array).is_some_and(|d| !d.is_empty()) {
                         used.insert(id.to_string());
                     }
@@ -922,9 +926,9 @@ impl Actor {
             }
         }
         ports
-            .into_iter()
-            .filter(|p| p.starts_with("hp"))
-            .find(|p| !used.contains(p))
+            .iter()
+            .find(|p| !used.contains(*p))
+            .cloned()
             .ok_or_else(|| ServiceError::Unsupported(format!(
                 "domain {:?} has no free hot-plug slot left; add the disk while it is shut off",
                 self.name()
@@ -1038,22 +1042,6 @@ pub async fn qemu_img(args: &[&std::ffi::OsStr]) -> ServiceResult<String> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-async fn create_overlay(overlay: &Path, backing: &Path, backing_format: &str) -> ServiceResult<()> {
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        backing_format.as_ref(),
-        "-b".as_ref(),
-        backing.as_os_str(),
-        overlay.as_os_str(),
-    ])
-    .await
-    .map(|_| ())
 }
 
 /// Checks that a disk's file exists and really is in the declared format (a raw image that
