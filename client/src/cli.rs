@@ -45,6 +45,76 @@ pub enum Command {
     Domain(DomainCommand),
     /// Print the client's and the daemon's versions.
     Version,
+    /// Take a snapshot of a domain.
+    #[command(after_help = "Examples:
+  vmsnap create web1 --name before-upgrade                  # internal checkpoint of a running guest
+  vmsnap create web1 --disk-only                            # external overlays on every disk
+  vmsnap create web1 --memory external --memory-file /var/lib/vm/web1.mem --live
+  vmsnap create web1 --disk vda=internal --disk vdb=external:/vm/vdb.snap1.qcow2 --disk-only
+  vmsnap create web1 --xml snapshot.xml                     # a libvirt <domainsnapshot> document")]
+    Create(CreateArgs),
+    /// List a domain's snapshots.
+    #[command(after_help = "Example:\n  vmsnap list web1 --json")]
+    List {
+        /// Domain name.
+        domain: String,
+    },
+    /// Show one snapshot.
+    #[command(after_help = "Example:\n  vmsnap info web1 before-upgrade")]
+    Info {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Print a snapshot as libvirt <domainsnapshot> XML.
+    #[command(after_help = "Example:\n  vmsnap dumpxml web1 before-upgrade")]
+    Dumpxml {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+}
+
+/// `vmsnap create ...`
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Domain name.
+    pub domain: String,
+    /// Snapshot name (default: from the time).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Free text kept with the snapshot.
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Snapshot the disks only (no VM state).
+    #[arg(long)]
+    pub disk_only: bool,
+    /// Where VM state goes: internal, external or none.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// File for external VM state.
+    #[arg(long)]
+    pub memory_file: Option<PathBuf>,
+    /// Disk holding internal VM state (default: the first writable qcow2 disk).
+    #[arg(long)]
+    pub vmstate_disk: Option<String>,
+    /// Per-disk mode: TARGET=internal, TARGET=external[:FILE] or TARGET=no (repeatable).
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// With external VM state: keep the guest running while RAM is copied.
+    #[arg(long)]
+    pub live: bool,
+    /// Rename the current image to the snapshot's file and keep the original path active.
+    #[arg(long)]
+    pub keep_active_name: bool,
+    /// A libvirt <domainsnapshot> document describing the snapshot.
+    #[arg(long, conflicts_with_all = ["name", "disk_only", "memory", "memory_file", "disks", "vmstate_disk"])]
+    pub xml: Option<PathBuf>,
+    /// Print the job's path and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// `vmsnap domain ...`

@@ -6,6 +6,7 @@
 
 mod cli;
 mod output;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -44,9 +45,11 @@ async fn connect(cli: &Cli) -> Result<Connection, Failure> {
     builder.build().await.map_err(|e| Failure::connect(&e))
 }
 
-type Opts<'a> = HashMap<&'a str, Variant<'a>>;
+/// An options dictionary for a method call.
+pub type Opts<'a> = HashMap<&'a str, Variant<'a>>;
 
-async fn domain_proxy<'a>(
+/// The proxy of the domain called `name`.
+pub async fn domain_proxy<'a>(
     conn: &'a Connection,
     manager: &ManagerProxy<'a>,
     name: &str,
@@ -87,6 +90,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             });
         }
         Command::Domain(cmd) => domain(&conn, &manager, json_mode, cmd).await?,
+        Command::Create(args) => snapshot::create(&conn, &manager, json_mode, args).await?,
+        Command::List { domain } => snapshot::list(&conn, &manager, json_mode, &domain).await?,
+        Command::Info { domain, snapshot } => {
+            snapshot::info(&conn, &manager, json_mode, &domain, &snapshot).await?
+        }
+        Command::Dumpxml { domain, snapshot } => {
+            snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?
+        }
     }
     Ok(())
 }

@@ -164,3 +164,62 @@ mod tests {
         assert_eq!(Failure::wire(Error::Failed(String::new())).code, 1);
     }
 }
+
+/// Formats unix seconds as UTC `YYYY-MM-DD HH:MM:SS`.
+fn time(secs: u64) -> String {
+    jiff::Timestamp::from_second(secs as i64)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+/// A table of snapshots: name, creation time, state, kind, current marker, description.
+pub fn snapshot_table(rows: &[Value]) -> String {
+    let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let name_w = rows.iter().map(|r| s(r, "name").chars().count()).max().unwrap_or(0).max(4);
+    let mut out = format!(
+        "{:<name_w$}  {:<19}  {:<13}  {:<10}  C  DESCRIPTION",
+        "NAME", "CREATED", "STATE", "KIND"
+    );
+    for r in rows {
+        let created = time(r.get("created").and_then(Value::as_u64).unwrap_or(0));
+        let cur = if r.get("current").and_then(Value::as_bool).unwrap_or(false) { "*" } else { " " };
+        out.push_str(&format!(
+            "\n{:<name_w$}  {created:<19}  {:<13}  {:<10}  {cur}  {}",
+            s(r, "name"),
+            s(r, "state"),
+            s(r, "kind"),
+            s(r, "description")
+        ));
+    }
+    out
+}
+
+/// Key-value lines for one snapshot.
+pub fn snapshot_info(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut out = format!(
+        "Name:        {}\nDescription: {}\nCreated:     {}\nState:       {}\nKind:        {}\nParent:      {}\nCurrent:     {}\nStatus:      {}",
+        s("name"),
+        s("description"),
+        time(v.get("created").and_then(Value::as_u64).unwrap_or(0)),
+        s("state"),
+        s("kind"),
+        v.get("parent").and_then(Value::as_str).unwrap_or("-"),
+        if v.get("current").and_then(Value::as_bool).unwrap_or(false) { "yes" } else { "no" },
+        s("status"),
+    );
+    let m = &v["memory"];
+    out.push_str(&format!(
+        "\nMemory:      {} {}",
+        m.get("mode").and_then(Value::as_str).unwrap_or(""),
+        m.get("where").and_then(Value::as_str).unwrap_or("")
+    ));
+    for d in v.get("disks").and_then(Value::as_array).into_iter().flatten() {
+        let g = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+        out.push_str(&format!("\nDisk:        {} {} {}", g("target"), g("mode"), g("file")));
+        if !g("overlay").is_empty() {
+            out.push_str(&format!(" (active: {})", g("overlay")));
+        }
+    }
+    out
+}

@@ -14,6 +14,14 @@ pub enum ServiceError {
     /// No domain matches.
     #[error("no domain is named {0:?}")]
     NoSuchDomain(String),
+    /// No snapshot matches.
+    #[error("domain {domain:?} has no snapshot {name:?}")]
+    NoSuchSnapshot {
+        /// The domain's name.
+        domain: String,
+        /// The snapshot asked for.
+        name: String,
+    },
     /// No job matches.
     #[error("no job {0}")]
     NoSuchJob(String),

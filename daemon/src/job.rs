@@ -48,6 +48,12 @@ pub struct JobStatus {
     pub owner: String,
     /// Set once, when the job ends.
     pub finished: bool,
+    /// When finished successfully: the object the operation produced (`/` when none).
+    pub result: String,
+    /// When finished with an error: its full D-Bus name; empty otherwise.
+    pub error_name: String,
+    /// When finished with an error: its message.
+    pub error_message: String,
 }
 
 /// A live job: shared between the operation (which reports) and observers.
@@ -130,6 +136,17 @@ impl Job {
         self.cancel.clone()
     }
 
+    /// Records how the job ended: the object it produced, or an error's name and message.
+    pub fn set_outcome(&self, result: Option<&str>, error: Option<(&str, &str)>) {
+        self.status.send_modify(|s| {
+            s.result = result.unwrap_or("/").to_string();
+            if let Some((name, message)) = error {
+                s.error_name = name.to_string();
+                s.error_message = message.to_string();
+            }
+        });
+    }
+
     /// Marks the job finished (observers then report completion).
     pub fn finish(&self) {
         self.status.send_modify(|s| {
@@ -175,6 +192,9 @@ impl JobRegistry {
             start_time_us,
             owner: owner.to_string(),
             finished: false,
+            result: "/".to_string(),
+            error_name: String::new(),
+            error_message: String::new(),
         });
         let job = Arc::new(Job { id, status, cancel: CancellationToken::new() });
         self.jobs.lock().expect("job registry poisoned").insert(id, job.clone());

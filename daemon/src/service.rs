@@ -49,6 +49,11 @@ impl Service {
         actor::create_private_dir(&config.runtime_dir)?;
         let catalog = Catalog::open(&config.state_dir)?;
         let records = catalog.domains()?;
+        let mut snapshots: BTreeMap<DomainId, BTreeMap<crate::catalog::SnapshotId, crate::catalog::SnapshotRecord>> =
+            BTreeMap::new();
+        for s in catalog.all_snapshots()? {
+            snapshots.entry(s.domain_id).or_default().insert(s.id, s);
+        }
         let shared = Shared { config: Arc::new(config), catalog: Arc::new(Mutex::new(catalog)) };
         let service = Arc::new(Service {
             shared,
@@ -57,7 +62,8 @@ impl Service {
             registry_lock: tokio::sync::Mutex::new(()),
         });
         for rec in records {
-            let handle = service.spawn_actor(&rec, None).await;
+            let snaps = snapshots.remove(&rec.id).unwrap_or_default();
+            let handle = service.spawn_actor(&rec, snaps, None).await;
             service.domains.lock().expect("domains lock poisoned").insert(rec.id, handle);
         }
         Ok(service)
@@ -76,6 +82,7 @@ impl Service {
     async fn spawn_actor(
         &self,
         rec: &DomainRecord,
+        snapshots: BTreeMap<crate::catalog::SnapshotId, crate::catalog::SnapshotRecord>,
         connection: Option<(Qmp, tokio::sync::broadcast::Receiver<crate::qmp::Event>)>,
     ) -> DomainHandle {
         let def = match DomainDef::from_xml(&rec.xml) {
@@ -94,6 +101,7 @@ impl Service {
             def,
             rec.current_snapshot,
             rec.qmp_socket.clone(),
+            snapshots,
             connection,
         )
         .await
@@ -145,7 +153,7 @@ impl Service {
             xml: def.to_xml(),
             qmp_socket: None,
         })?;
-        let handle = self.spawn_actor(&rec, None).await;
+        let handle = self.spawn_actor(&rec, BTreeMap::new(), None).await;
         self.domains.lock().expect("domains lock poisoned").insert(rec.id, handle.clone());
         info!(domain = %def.name, id = %rec.id, "domain defined");
         Ok(handle)
@@ -186,6 +194,7 @@ impl Service {
             def,
             None,
             Some(socket.to_path_buf()),
+            BTreeMap::new(),
             Some((qmp, events)),
         )
         .await;

@@ -60,6 +60,20 @@ pub mod option {
     pub const PAUSED: &str = "paused";
     /// `b`: with disk changes, only edit the definition (do not hot-plug).
     pub const CONFIG_ONLY: &str = "config-only";
+    /// `b`: with `CreateSnapshot`, snapshot the disks only.
+    pub const DISK_ONLY: &str = "disk-only";
+    /// `s`: with `CreateSnapshot`, where VM state goes: `internal`, `external` or `none`.
+    pub const MEMORY: &str = "memory";
+    /// `s`: with `CreateSnapshot`, the file for external VM state.
+    pub const MEMORY_FILE: &str = "memory-file";
+    /// `s`: with `CreateSnapshot`, the disk whose image holds internal VM state.
+    pub const VMSTATE_DISK: &str = "vmstate-disk";
+    /// `as`: with `CreateSnapshot`, per-disk modes: `TARGET=internal|external[:FILE]|no`.
+    pub const DISKS: &str = "disks";
+    /// `b`: with external VM state, keep the guest running while RAM is copied.
+    pub const LIVE: &str = "live";
+    /// `b`: rename the current image to the snapshot's file and keep the original path active.
+    pub const KEEP_ACTIVE_NAME: &str = "keep-active-name";
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
 }

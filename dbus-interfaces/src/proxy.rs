@@ -76,6 +76,26 @@ pub trait Domain {
         target: &str,
         options: HashMap<&str, Variant<'_>>,
     ) -> Result<(), crate::Error>;
+    /// Takes a snapshot; returns its path (or the job's path with `async`).
+    fn create_snapshot(
+        &self,
+        name: &str,
+        description: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Takes a snapshot described by a libvirt `<domainsnapshot>` document.
+    fn create_snapshot_xml(
+        &self,
+        xml: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Every snapshot's path, oldest first.
+    fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
+    /// The path of the snapshot with this name.
+    fn find_snapshot(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
+    /// A snapshot was taken.
+    #[zbus(signal)]
+    fn snapshot_created(&self, snapshot: OwnedObjectPath) -> zbus::Result<()>;
     /// The domain's name.
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;
@@ -94,6 +114,49 @@ pub trait Domain {
     /// The disks: (target, format, file, flags).
     #[zbus(property)]
     fn disks(&self) -> zbus::Result<Vec<(String, String, String, Vec<String>)>>;
+}
+
+/// `org.vmsnap.VmSnap1.Snapshot` on `/org/vmsnap/VmSnap1/domain/<id>/snapshot/<id>`.
+#[proxy(interface = "org.vmsnap.VmSnap1.Snapshot", default_service = "org.vmsnap.VmSnap1")]
+pub trait Snapshot {
+    /// The snapshot as libvirt `<domainsnapshot>` XML.
+    fn get_xml(&self) -> Result<String, crate::Error>;
+    /// The snapshot's name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// Free text given at creation.
+    #[zbus(property)]
+    fn description(&self) -> zbus::Result<String>;
+    /// Creation time, seconds since the Unix epoch.
+    #[zbus(property)]
+    fn creation_time(&self) -> zbus::Result<u64>;
+    /// `running`, `paused`, `shutoff` or `disk-snapshot`.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    /// `checkpoint` or `disk-only`.
+    #[zbus(property)]
+    fn kind(&self) -> zbus::Result<String>;
+    /// (mode, file or disk holding the VM state).
+    #[zbus(property)]
+    fn memory(&self) -> zbus::Result<(String, String)>;
+    /// (target, mode, data file, overlay) per disk.
+    #[zbus(property)]
+    fn disks(&self) -> zbus::Result<Vec<(String, String, String, String)>>;
+    /// `committed` or `broken`.
+    #[zbus(property)]
+    fn status(&self) -> zbus::Result<String>;
+    /// The domain.
+    #[zbus(property)]
+    fn domain(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The parent snapshot or `/`.
+    #[zbus(property)]
+    fn parent(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The child snapshots.
+    #[zbus(property)]
+    fn children(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// Whether this is the current snapshot.
+    #[zbus(property)]
+    fn is_current(&self) -> zbus::Result<bool>;
 }
 
 /// `org.vmsnap.VmSnap1.Job` on `/org/vmsnap/VmSnap1/job/<n>`.
@@ -131,6 +194,18 @@ pub trait Job {
     /// Unique bus name of the caller that started the job.
     #[zbus(property)]
     fn owner(&self) -> zbus::Result<String>;
+    /// Whether the job has ended.
+    #[zbus(property)]
+    fn finished(&self) -> zbus::Result<bool>;
+    /// The object the operation produced, `/` when none or not yet.
+    #[zbus(property)]
+    fn result(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The error's full name when the job failed.
+    #[zbus(property)]
+    fn error_name(&self) -> zbus::Result<String>;
+    /// The error's message when the job failed.
+    #[zbus(property)]
+    fn error_message(&self) -> zbus::Result<String>;
     /// The job ended: success, error name (empty on success) and message.
     #[zbus(signal)]
     fn completed(&self, success: bool, error_name: String, message: String) -> zbus::Result<()>;

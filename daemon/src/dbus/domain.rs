@@ -10,7 +10,13 @@ use vmsnap_dbus::names::{NO_OBJECT, domain_path, option, snapshot_path};
 use zbus::message::Header;
 use zbus::{ObjectServer, OwnedObjectPath, OwnedVariant, interface};
 
+use std::path::PathBuf;
+
 use super::job::run_job;
+use super::snapshot::sync_snapshots;
+use crate::snapshot::plan::{CreateRequest, DiskMode, DiskRequest, MemoryMode};
+use zbus::ObjectPath;
+use zbus::object_server::SignalEmitter;
 use super::options::Options;
 use super::wire_error;
 use crate::domain::actor::{DEFAULT_SHUTDOWN_TIMEOUT, DomainHandle, DomainInfo};
@@ -130,6 +136,73 @@ impl DomainIface {
         self.handle.detach_disk(target, config_only).await.map_err(wire_error)
     }
 
+    /// Takes a snapshot and returns its object path (or, with `async`, the job's path at
+    /// once). An empty name means one made from the time. Options: `disk-only` (b), `memory`
+    /// (s: `internal`, `external` or `none`), `memory-file` (s), `vmstate-disk` (s), `disks`
+    /// (as: `TARGET=internal`, `TARGET=external[:FILE]`, `TARGET=no`), `live` (b),
+    /// `keep-active-name` (b), `async` (b).
+    async fn create_snapshot(
+        &self,
+        name: String,
+        description: String,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse("CreateSnapshot", options, CREATE_OPTIONS)?;
+        let mut req = create_request(&opts)?;
+        req.name = (!name.is_empty()).then_some(name);
+        req.description = description;
+        self.run_create(req, &opts, &header, server, emitter).await
+    }
+
+    /// Takes a snapshot described by a libvirt `<domainsnapshot>` document (name,
+    /// description, memory, disks). Options: `live` (b), `keep-active-name` (b), `async` (b).
+    async fn create_snapshot_xml(
+        &self,
+        xml: String,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse(
+            "CreateSnapshotXml",
+            options,
+            &[option::LIVE, option::KEEP_ACTIVE_NAME, option::ASYNC],
+        )?;
+        let mut req = crate::snapshot::xml::request_from_xml(&xml)
+            .map_err(|e| wire_error(crate::domain::actor::plan_error(e)))?;
+        req.live = opts.bool(option::LIVE)?.unwrap_or(req.live);
+        req.keep_active_name = opts.bool(option::KEEP_ACTIVE_NAME)?.unwrap_or(req.keep_active_name);
+        self.run_create(req, &opts, &header, server, emitter).await
+    }
+
+    /// Every snapshot's object path, oldest first.
+    async fn list_snapshots(&self) -> Vec<OwnedObjectPath> {
+        let info = self.handle.info();
+        let mut recs: Vec<&crate::catalog::SnapshotRecord> = info.snapshots.values().collect();
+        recs.sort_by_key(|r| (r.created_at, r.id));
+        recs.into_iter().map(|r| obj(snapshot_path(info.id.0, r.id.0))).collect()
+    }
+
+    /// The object path of the snapshot with this name.
+    async fn find_snapshot(&self, name: String) -> Result<OwnedObjectPath, Error> {
+        let info = self.handle.info();
+        info.snapshots
+            .values()
+            .find(|s| s.name == name)
+            .map(|s| obj(snapshot_path(info.id.0, s.id.0)))
+            .ok_or_else(|| {
+                wire_error(crate::error::ServiceError::NoSuchSnapshot { domain: info.def.name.clone(), name })
+            })
+    }
+
+    /// A snapshot was taken.
+    #[zbus(signal)]
+    async fn snapshot_created(emitter: &SignalEmitter<'_>, snapshot: ObjectPath<'_>) -> zbus::Result<()>;
+
     /// The domain's name.
     #[zbus(property)]
     async fn name(&self) -> String {
@@ -175,19 +248,108 @@ impl DomainIface {
     }
 }
 
+const CREATE_OPTIONS: &[&str] = &[
+    option::DISK_ONLY,
+    option::MEMORY,
+    option::MEMORY_FILE,
+    option::VMSTATE_DISK,
+    option::DISKS,
+    option::LIVE,
+    option::KEEP_ACTIVE_NAME,
+    option::ASYNC,
+];
+
+/// Reads the creation options into a request (name and description are set by the caller).
+fn create_request(opts: &Options) -> Result<CreateRequest, Error> {
+    let bad = |m: String| Error::InvalidArgument(m);
+    let memory = match opts.string(option::MEMORY)? {
+        Some(m) => Some(m.parse::<MemoryMode>().map_err(|_| {
+            bad(format!("option \"memory\" must be internal, external or none, not {m:?}"))
+        })?),
+        None => None,
+    };
+    let mut disks = Vec::new();
+    for spec in opts.strings(option::DISKS)?.unwrap_or_default() {
+        disks.push(parse_disk_spec(&spec).map_err(bad)?);
+    }
+    Ok(CreateRequest {
+        name: None,
+        description: String::new(),
+        disk_only: opts.bool(option::DISK_ONLY)?.unwrap_or(false),
+        memory,
+        memory_file: opts.string(option::MEMORY_FILE)?.map(PathBuf::from),
+        vmstate_disk: opts.string(option::VMSTATE_DISK)?,
+        disks,
+        live: opts.bool(option::LIVE)?.unwrap_or(false),
+        keep_active_name: opts.bool(option::KEEP_ACTIVE_NAME)?.unwrap_or(false),
+    })
+}
+
+/// Parses `TARGET=internal`, `TARGET=external[:FILE]` or `TARGET=no`.
+pub fn parse_disk_spec(spec: &str) -> Result<DiskRequest, String> {
+    let (target, rest) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("disk spec {spec:?} must look like TARGET=internal|external[:FILE]|no"))?;
+    let (mode, file) = match rest.split_once(':') {
+        Some((m, f)) => (m, Some(PathBuf::from(f))),
+        None => (rest, None),
+    };
+    let mode = mode
+        .parse::<DiskMode>()
+        .map_err(|_| format!("disk spec {spec:?}: mode must be internal, external or no"))?;
+    if target.is_empty() {
+        return Err(format!("disk spec {spec:?} names no target"));
+    }
+    Ok(DiskRequest { target: target.to_string(), mode, file })
+}
+
+impl DomainIface {
+    async fn run_create(
+        &self,
+        req: CreateRequest,
+        opts: &Options,
+        header: &Header<'_>,
+        server: &ObjectServer,
+        emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let job = self.service.jobs.create("create-snapshot", self.handle.id().0, &caller(header));
+        let handle = self.handle.clone();
+        let j = job.clone();
+        let server2 = server.clone();
+        let emitter = emitter.into_owned();
+        let (path, rx) = run_job(server, &self.service, job, async move {
+            let id = handle.create_snapshot(req, "manual".to_string(), j).await?;
+            let info = handle.info();
+            // Serve the new object before anyone hears of it.
+            sync_snapshots(&server2, &handle, None, &info).await;
+            let p = obj(snapshot_path(info.id.0, id.0));
+            let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
+            Ok(p)
+        })
+        .await?;
+        if is_async {
+            return Ok(path);
+        }
+        rx.await.map_err(|_| Error::Failed("the snapshot job ended without a result".into()))?
+    }
+}
+
 /// Serves a domain's object and starts the task that announces its property changes.
 pub async fn register_domain(
     server: &ObjectServer,
     service: &Arc<Service>,
     handle: DomainHandle,
-) -> Result<OwnedObjectPath, Error> {
+) -> zbus::Result<OwnedObjectPath> {
     let path = obj(domain_path(handle.id().0));
     let mut watch = handle.watch();
-    server.at(path.as_ref(), DomainIface { service: service.clone(), handle }).await?;
+    server.at(path.as_ref(), DomainIface { service: service.clone(), handle: handle.clone() }).await?;
+    let initial = watch.borrow_and_update().clone();
+    sync_snapshots(server, &handle, None, &initial).await;
     let server = server.clone();
     let p = path.clone();
     tokio::spawn(async move {
-        let mut last = watch.borrow_and_update().clone();
+        let mut last = initial;
         while watch.changed().await.is_ok() {
             let now = watch.borrow_and_update().clone();
             let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else { break };
@@ -206,6 +368,8 @@ pub async fn register_domain(
             if last.def.name != now.def.name {
                 let _ = i.name_changed(e).await;
             }
+            drop(i);
+            sync_snapshots(&server, &handle, Some(&last), &now).await;
             last = now;
         }
     });

@@ -101,6 +101,30 @@ impl JobIface {
         self.job.status().owner
     }
 
+    /// Whether the job has ended.
+    #[zbus(property)]
+    async fn finished(&self) -> bool {
+        self.job.status().finished
+    }
+
+    /// The object the operation produced (e.g. the new snapshot), `/` when none or not yet.
+    #[zbus(property)]
+    async fn result(&self) -> OwnedObjectPath {
+        OwnedObjectPath::try_from(self.job.status().result).unwrap_or_else(|_| obj("/".into()))
+    }
+
+    /// The error's full name when the job failed; empty otherwise.
+    #[zbus(property)]
+    async fn error_name(&self) -> String {
+        self.job.status().error_name
+    }
+
+    /// The error's message when the job failed; empty otherwise.
+    #[zbus(property)]
+    async fn error_message(&self) -> String {
+        self.job.status().error_message
+    }
+
     /// The job ended: success, the error's name (empty on success) and a message.
     #[zbus(signal)]
     async fn completed(
@@ -134,6 +158,34 @@ async fn announce_changes(server: &ObjectServer, path: &OwnedObjectPath, old: &J
     if old.cancelable != new.cancelable {
         let _ = i.cancelable_changed(e).await;
     }
+    if old.result != new.result {
+        let _ = i.result_changed(e).await;
+    }
+    if old.error_name != new.error_name {
+        let _ = i.error_name_changed(e).await;
+        let _ = i.error_message_changed(e).await;
+    }
+    if old.finished != new.finished {
+        let _ = i.finished_changed(e).await;
+    }
+}
+
+/// What a job's operation returns: maybe an object to report as the job's `Result`.
+pub trait JobResult: Send + 'static {
+    /// The produced object, if any.
+    fn object(&self) -> Option<String>;
+}
+
+impl JobResult for () {
+    fn object(&self) -> Option<String> {
+        None
+    }
+}
+
+impl JobResult for OwnedObjectPath {
+    fn object(&self) -> Option<String> {
+        Some(self.to_string())
+    }
 }
 
 /// Runs `op` as job `job`: serves the job object, forwards its property changes, emits
@@ -146,7 +198,7 @@ pub async fn run_job<T, F>(
     op: F,
 ) -> Result<(OwnedObjectPath, tokio::sync::oneshot::Receiver<Result<T, Error>>), Error>
 where
-    T: Send + 'static,
+    T: JobResult,
     F: std::future::Future<Output = ServiceResult<T>> + Send + 'static,
 {
     let path = obj(job_path(job.id().0));
@@ -169,8 +221,15 @@ where
             r = op => r,
             _ = forward => unreachable!("the job's sender lives as long as the job"),
         };
-        job.finish();
         let result = result.map_err(wire_error);
+        match &result {
+            Ok(v) => job.set_outcome(v.object().as_deref(), None),
+            Err(e) => {
+                let name = format!("{}.{}", vmsnap_dbus::names::ERROR_PREFIX, e.short_name());
+                job.set_outcome(None, Some((&name, &e.message())));
+            }
+        }
+        job.finish();
         if let Ok(iface) = server.interface::<_, JobIface>(p.as_ref()).await {
             let final_status = job.status();
             announce_changes(&server, &p, &last, &final_status).await;

@@ -9,6 +9,7 @@ mod domain;
 mod job;
 mod manager;
 mod options;
+mod snapshot;
 
 use std::sync::Arc;
 
@@ -30,6 +31,7 @@ pub fn wire_error(e: ServiceError) -> Error {
     let msg = e.to_string();
     match e {
         ServiceError::NoSuchDomain(_) => Error::NoSuchDomain(msg),
+        ServiceError::NoSuchSnapshot { .. } => Error::NoSuchSnapshot(msg),
         ServiceError::NoSuchJob(_) => Error::NoSuchJob(msg),
         ServiceError::AlreadyExists(_) => Error::AlreadyExists(msg),
         ServiceError::InvalidArgument(_) | ServiceError::Definition(_) => Error::InvalidArgument(msg),

@@ -80,6 +80,24 @@ impl Options {
     }
 }
 
+impl Options {
+    /// An array-of-strings option.
+    pub fn strings(&self, key: &str) -> Result<Option<Vec<String>>, Error> {
+        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Variant::Array(a) = inner(v) else {
+            return Err(self.wrong(key, "an array of strings (as)"));
+        };
+        let mut out = Vec::new();
+        for item in a.iter() {
+            match inner(item) {
+                Variant::Str(s) => out.push(s.as_str().to_string()),
+                _ => return Err(self.wrong(key, "an array of strings (as)")),
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 //! file, so they survive the daemon; a restarted daemon re-attaches through the pid file and
 //! the QMP socket in the domain's runtime directory.
 
+use std::collections::BTreeMap;
 use std::future::pending;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -27,7 +28,9 @@ use tracing::{debug, info, warn};
 use super::def::{DiskDef, DomainDef};
 use super::qemu_cmd::{self, LaunchOptions, LaunchPaths};
 use super::state::{GuestEvent, GuestState};
-use crate::catalog::{Catalog, DomainId, DomainKind, SnapshotId};
+use crate::catalog::{Catalog, DomainId, DomainKind, SnapshotId, SnapshotRecord};
+use crate::snapshot::create::{self, Target};
+use crate::snapshot::plan::{self, CreateRequest, GuestRunState, PlanError, RealFs};
 use crate::config::Config;
 use crate::error::{ServiceError, ServiceResult};
 use crate::job::Job;
@@ -61,6 +64,8 @@ pub struct DomainInfo {
     pub def: DomainDef,
     /// The QMP socket of an attached domain.
     pub qmp_socket: Option<PathBuf>,
+    /// Every snapshot record of the domain, by id.
+    pub snapshots: Arc<BTreeMap<SnapshotId, SnapshotRecord>>,
 }
 
 type Reply<T> = oneshot::Sender<ServiceResult<T>>;
@@ -75,6 +80,7 @@ enum Request {
     AttachDisk { disk: DiskDef, config_only: bool, reply: Reply<()> },
     DetachDisk { target: String, config_only: bool, reply: Reply<()> },
     Hmp { command: String, reply: Reply<String> },
+    CreateSnapshot { req: Box<CreateRequest>, origin: String, job: Arc<Job>, reply: Reply<SnapshotId> },
     Stop { reply: oneshot::Sender<()> },
 }
 
@@ -160,6 +166,17 @@ impl DomainHandle {
         self.call(|reply| Request::Hmp { command, reply }).await
     }
 
+    /// Takes a snapshot as `req` asks; progress and cancellation go through `job`.
+    pub async fn create_snapshot(
+        &self,
+        req: CreateRequest,
+        origin: String,
+        job: Arc<Job>,
+    ) -> ServiceResult<SnapshotId> {
+        let req = Box::new(req);
+        self.call(|reply| Request::CreateSnapshot { req, origin, job, reply }).await
+    }
+
     /// Stops serving the domain, leaving its guest as it is. Returns once the actor ended.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
@@ -222,6 +239,7 @@ pub async fn spawn(
     def: DomainDef,
     current_snapshot: Option<SnapshotId>,
     qmp_socket: Option<PathBuf>,
+    snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
     connection: Option<(Qmp, broadcast::Receiver<Event>)>,
 ) -> DomainHandle {
     let (info_tx, info_rx) = watch::channel(DomainInfo {
@@ -231,6 +249,7 @@ pub async fn spawn(
         current_snapshot,
         def,
         qmp_socket,
+        snapshots: Arc::new(snapshots),
     });
     let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
     let mut actor = Actor {
@@ -499,6 +518,10 @@ impl Actor {
                     Ok(q) => q.human_monitor_command(&command).await.map_err(ServiceError::qemu("human monitor command")),
                     Err(e) => Err(e),
                 };
+                let _ = reply.send(r);
+            }
+            Request::CreateSnapshot { req, origin, job, reply } => {
+                let r = self.create_snapshot(*req, origin, &job).await;
                 let _ = reply.send(r);
             }
             Request::Stop { .. } => unreachable!("handled by the loop"),
@@ -820,6 +843,54 @@ impl Actor {
         self.pending_shutdown = Some(PendingShutdown { deadline: Instant::now() + timeout, force, job, reply });
     }
 
+    async fn create_snapshot(
+        &mut self,
+        req: CreateRequest,
+        origin: String,
+        job: &Job,
+    ) -> ServiceResult<SnapshotId> {
+        let info = self.info.borrow().clone();
+        let run_state = match info.state {
+            GuestState::Running => GuestRunState::Running,
+            GuestState::Paused => GuestRunState::Paused,
+            GuestState::Shutoff | GuestState::Crashed => GuestRunState::Shutoff,
+        };
+        if info.kind == DomainKind::Attached && !info.state.is_active() {
+            return Err(ServiceError::Unsupported(format!(
+                "domain {:?} is attached and its QEMU is not running: its disks belong to \
+                 whoever starts it",
+                info.def.name
+            )));
+        }
+        let names: std::collections::HashSet<&str> =
+            info.snapshots.values().map(|s| s.name.as_str()).collect();
+        let now = jiff::Timestamp::now().as_second();
+        let plan = plan::plan(&info.def, run_state, &req, &|n| names.contains(n), now, &RealFs)
+            .map_err(plan_error)?;
+        let target = Target {
+            qmp: if info.state.is_active() { self.qmp.as_ref() } else { None },
+            running: info.state == GuestState::Running,
+        };
+        let rec = create::create(
+            &self.shared.catalog,
+            info.id,
+            info.current_snapshot,
+            &origin,
+            &plan,
+            target,
+            job,
+            now,
+        )
+        .await?;
+        let id = rec.id;
+        self.info.send_modify(|i| {
+            i.def = plan.def_after.clone();
+            i.current_snapshot = Some(id);
+            Arc::make_mut(&mut i.snapshots).insert(id, rec);
+        });
+        Ok(id)
+    }
+
     fn persist_def(&self, def: &DomainDef) -> ServiceResult<()> {
         let xml = def.to_xml();
         self.shared.catalog.lock().expect("catalog lock poisoned").update_domain_xml(self.id(), &xml)?;
@@ -1076,4 +1147,14 @@ pub async fn check_image_format(disk: &DiskDef) -> ServiceResult<()> {
         )));
     }
     Ok(())
+}
+
+/// Maps a planning refusal to the service vocabulary.
+pub fn plan_error(e: PlanError) -> ServiceError {
+    match e {
+        PlanError::InvalidArgument(m) => ServiceError::InvalidArgument(m),
+        PlanError::Unsupported(m) => ServiceError::Unsupported(m),
+        PlanError::InvalidState(m) => ServiceError::InvalidState(m),
+        PlanError::AlreadyExists(m) => ServiceError::AlreadyExists(m),
+    }
 }

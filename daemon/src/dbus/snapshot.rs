@@ -1,0 +1,208 @@
+//! `org.vmsnap.VmSnap1.Snapshot` objects, one per snapshot record, kept in step with the
+//! domain's snapshot map.
+
+use std::collections::BTreeSet;
+
+use vmsnap_dbus::Error;
+use vmsnap_dbus::names::{NO_OBJECT, domain_path, snapshot_path};
+use zbus::{ObjectServer, OwnedObjectPath, interface};
+
+use crate::catalog::{SnapshotId, SnapshotRecord};
+use crate::domain::actor::{DomainHandle, DomainInfo};
+use crate::snapshot::record;
+
+/// The D-Bus face of a snapshot.
+pub struct SnapshotIface {
+    handle: DomainHandle,
+    id: SnapshotId,
+}
+
+fn obj(s: String) -> OwnedObjectPath {
+    OwnedObjectPath::try_from(s).expect("object paths are built from numeric ids")
+}
+
+impl SnapshotIface {
+    fn record(&self) -> Option<SnapshotRecord> {
+        self.handle.info().snapshots.get(&self.id).cloned()
+    }
+
+    fn field<T: Default>(&self, f: impl FnOnce(&SnapshotRecord) -> T) -> T {
+        self.record().as_ref().map(f).unwrap_or_default()
+    }
+}
+
+/// The children of `id` in `info`, in id order.
+fn children(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
+    info.snapshots.values().filter(|s| s.parent == Some(id)).map(|s| s.id).collect()
+}
+
+#[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
+impl SnapshotIface {
+    /// The snapshot as libvirt `<domainsnapshot>` XML (with the domain's definition at the time).
+    async fn get_xml(&self) -> Result<String, Error> {
+        let info = self.handle.info();
+        let rec = info
+            .snapshots
+            .get(&self.id)
+            .ok_or_else(|| Error::NoSuchSnapshot(format!("snapshot {} is gone", self.id)))?;
+        let parent = rec.parent.and_then(|p| info.snapshots.get(&p)).map(|p| p.name.as_str());
+        Ok(record::to_xml(rec, parent, info.current_snapshot == Some(self.id)))
+    }
+
+    /// The snapshot's name, unique within its domain.
+    #[zbus(property)]
+    async fn name(&self) -> String {
+        self.field(|r| r.name.clone())
+    }
+
+    /// Free text given at creation.
+    #[zbus(property)]
+    async fn description(&self) -> String {
+        self.field(|r| r.description.clone())
+    }
+
+    /// Creation time, seconds since the Unix epoch.
+    #[zbus(property)]
+    async fn creation_time(&self) -> u64 {
+        self.field(|r| u64::try_from(r.created_at).unwrap_or(0))
+    }
+
+    /// The domain's state it captured: `running`, `paused`, `shutoff` or `disk-snapshot`.
+    #[zbus(property)]
+    async fn state(&self) -> String {
+        self.field(|r| r.state.clone())
+    }
+
+    /// `checkpoint` (disks and, when it ran, VM state) or `disk-only`.
+    #[zbus(property)]
+    async fn kind(&self) -> String {
+        self.field(|r| r.kind.clone())
+    }
+
+    /// The VM state: (mode `none`|`internal`|`external`, file or disk holding it).
+    #[zbus(property)]
+    async fn memory(&self) -> (String, String) {
+        self.field(|r| {
+            let m = record::memory(r);
+            let place = match (&m.file, &m.vmstate_disk) {
+                (Some(f), _) => f.display().to_string(),
+                (None, Some(d)) => d.clone(),
+                (None, None) => String::new(),
+            };
+            (m.mode, place)
+        })
+    }
+
+    /// Per disk: (target, mode `no`|`internal`|`external`, file holding the snapshot's data,
+    /// overlay created on top or empty).
+    #[zbus(property)]
+    async fn disks(&self) -> Vec<(String, String, String, String)> {
+        self.field(|r| {
+            record::disks(r)
+                .into_iter()
+                .map(|d| {
+                    let data = d.data_file().display().to_string();
+                    let overlay = d.overlay.map(|o| o.display().to_string()).unwrap_or_default();
+                    (d.target, d.mode, data, overlay)
+                })
+                .collect()
+        })
+    }
+
+    /// `committed`, or `broken` when its files no longer hold what it needs.
+    #[zbus(property)]
+    async fn status(&self) -> String {
+        self.field(|r| r.status.as_str().to_string())
+    }
+
+    /// The domain it belongs to.
+    #[zbus(property)]
+    async fn domain(&self) -> OwnedObjectPath {
+        obj(domain_path(self.handle.id().0))
+    }
+
+    /// The parent snapshot, or `/` for a root.
+    #[zbus(property)]
+    async fn parent(&self) -> OwnedObjectPath {
+        let d = self.handle.id().0;
+        match self.field(|r| r.parent.map(|p| p.0)) {
+            Some(p) => obj(snapshot_path(d, p)),
+            None => obj(NO_OBJECT.to_string()),
+        }
+    }
+
+    /// The child snapshots.
+    #[zbus(property)]
+    async fn children(&self) -> Vec<OwnedObjectPath> {
+        let info = self.handle.info();
+        children(&info, self.id).into_iter().map(|c| obj(snapshot_path(info.id.0, c.0))).collect()
+    }
+
+    /// Whether this is the domain's current snapshot (the parent of the next one).
+    #[zbus(property)]
+    async fn is_current(&self) -> bool {
+        self.handle.info().current_snapshot == Some(self.id)
+    }
+}
+
+/// Brings the served snapshot objects of a domain in line with `now`, announcing the
+/// properties that changed since `last`.
+pub async fn sync_snapshots(
+    server: &ObjectServer,
+    handle: &DomainHandle,
+    last: Option<&DomainInfo>,
+    now: &DomainInfo,
+) {
+    let d = now.id.0;
+    let before: BTreeSet<SnapshotId> =
+        last.map(|l| l.snapshots.keys().copied().collect()).unwrap_or_default();
+    let after: BTreeSet<SnapshotId> = now.snapshots.keys().copied().collect();
+    for gone in before.difference(&after) {
+        let _ = server.remove::<SnapshotIface, _>(snapshot_path(d, gone.0).as_str()).await;
+    }
+    for new in &after {
+        let path = snapshot_path(d, new.0);
+        if server.interface::<_, SnapshotIface>(path.as_str()).await.is_err() {
+            if let Err(e) =
+                server.at(path.as_str(), SnapshotIface { handle: handle.clone(), id: *new }).await
+            {
+                tracing::warn!(path, error = %e, "could not serve a snapshot object");
+            }
+        }
+    }
+    let Some(last) = last else { return };
+    for id in before.intersection(&after) {
+        let (old, new) = (&last.snapshots[id], &now.snapshots[id]);
+        let was_current = last.current_snapshot == Some(*id);
+        let is_current = now.current_snapshot == Some(*id);
+        let children_changed = children(last, *id) != children(now, *id);
+        if old == new && was_current == is_current && !children_changed {
+            continue;
+        }
+        let Ok(iface) = server.interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str()).await
+        else {
+            continue;
+        };
+        let e = iface.signal_emitter();
+        let i = iface.get().await;
+        // A failed emission only means nobody was told; the properties stay right.
+        if was_current != is_current {
+            let _ = i.is_current_changed(e).await;
+        }
+        if children_changed {
+            let _ = i.children_changed(e).await;
+        }
+        if old.parent != new.parent {
+            let _ = i.parent_changed(e).await;
+        }
+        if old.description != new.description {
+            let _ = i.description_changed(e).await;
+        }
+        if old.disks != new.disks {
+            let _ = i.disks_changed(e).await;
+        }
+        if old.status != new.status {
+            let _ = i.status_changed(e).await;
+        }
+    }
+}

@@ -1,0 +1,718 @@
+//! Carrying out a validated snapshot plan, on a live guest through QMP or on a shut-off
+//! domain through `qemu-img`, and undoing every step when any step fails.
+//!
+//! Order of a live snapshot: the catalog record is written as pending and the operation is
+//! journaled first; then new files are created exclusively (never over an existing file) and
+//! their nodes opened; the guest is paused only when VM state is saved; disk switches happen in
+//! one QMP `transaction`; finally the record is committed together with the new definition.
+//! Every step that changed something registers its undo first, so a failure or a cancel leaves
+//! no file, node, internal snapshot or record behind and resumes a guest that was running.
+//!
+//! External VM state is written by `migrate` to a file descriptor passed with `getfd`. The
+//! `pause-before-switchover` capability stops the migration after the vCPUs stopped and before
+//! the disks are handed over, which is where the disks are switched: memory and disks are then
+//! from the same instant, also with `live`.
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::plan::{DiskMode, MemoryMode, Plan};
+use crate::catalog::{Catalog, DomainId, NewSnapshot, SnapshotId, SnapshotRecord};
+use crate::domain::actor::qemu_img;
+use crate::error::{ServiceError, ServiceResult};
+use crate::job::Job;
+use crate::qmp::Qmp;
+
+/// How long an internal `snapshot-save` may take.
+pub const SAVE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often migration progress is polled while VM state is written to a file.
+pub const MIGRATE_POLL: Duration = Duration::from_millis(50);
+/// Bandwidth limit set for writing VM state to a local file: in effect none.
+const MIGRATE_MAX_BANDWIDTH: u64 = 1 << 40;
+/// fd name under which the memory file is handed to QEMU.
+const MEMORY_FD_NAME: &str = "vmsnap-memory";
+
+/// Where a snapshot is taken.
+pub struct Target<'a> {
+    /// The live guest's QMP session; `None` for a shut-off domain.
+    pub qmp: Option<&'a Qmp>,
+    /// Whether the vCPUs run now (resumed after a pause of our own).
+    pub running: bool,
+}
+
+/// The top block node serving each disk target of a live guest, with its size and format.
+#[derive(Debug, Clone)]
+struct TopNode {
+    node: String,
+    virtual_size: u64,
+    format: String,
+    snapshots: Vec<String>,
+}
+
+/// Everything done so far, in the order it was done, so it can be undone.
+#[derive(Default)]
+struct Undo {
+    files: Vec<PathBuf>,
+    nodes: Vec<String>,
+    live_internal: Vec<(String, String)>,
+    offline_internal: Vec<(PathBuf, String)>,
+    renamed: Vec<(PathBuf, PathBuf)>,
+    paused_by_us: bool,
+    images_inactive: bool,
+    record: Option<SnapshotId>,
+    operation: Option<crate::catalog::OperationId>,
+}
+
+fn target_of_qdev(qdev: &str) -> Option<&str> {
+    if !qdev.contains('/') {
+        return Some(qdev);
+    }
+    let mut parts = qdev.split('/');
+    while let Some(p) = parts.next() {
+        if p == "peripheral" {
+            return parts.next();
+        }
+    }
+    None
+}
+
+async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String, TopNode>> {
+    let blocks = qmp.query_block().await.map_err(ServiceError::qemu("cannot list the guest's disks"))?;
+    let mut out = std::collections::HashMap::new();
+    for b in blocks {
+        let (Some(qdev), Some(ins)) = (b.qdev.as_deref(), b.inserted.as_ref()) else { continue };
+        let Some(target) = target_of_qdev(qdev) else { continue };
+        out.insert(
+            target.to_string(),
+            TopNode {
+                node: ins.node_name.clone(),
+                virtual_size: ins.image.virtual_size,
+                format: ins.image.format.clone(),
+                snapshots: ins.image.snapshots.iter().map(|s| s.name.clone()).collect(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Creates `path` exclusively, readable only by the daemon.
+fn create_exclusive(path: &Path) -> ServiceResult<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                ServiceError::AlreadyExists(format!("{} already exists", path.display()))
+            } else {
+                ServiceError::io(format!("cannot create {}", path.display()))(e)
+            }
+        })
+}
+
+/// Node name of a new overlay: short (QEMU allows 31 characters) and unique per snapshot.
+fn overlay_node(snapshot: SnapshotId, target: &str) -> String {
+    format!("snap{}-{target}", snapshot.0)
+}
+
+fn io_context(msg: String) -> impl FnOnce(std::io::Error) -> ServiceError {
+    ServiceError::io(msg)
+}
+
+/// Takes the snapshot described by `plan`; returns its committed record.
+pub async fn create(
+    catalog: &Mutex<Catalog>,
+    domain: DomainId,
+    parent: Option<SnapshotId>,
+    origin: &str,
+    plan: &Plan,
+    target: Target<'_>,
+    job: &Job,
+    now_unix: i64,
+) -> ServiceResult<SnapshotRecord> {
+    let mut undo = Undo::default();
+    let result = run(catalog, domain, parent, origin, plan, &target, job, now_unix, &mut undo).await;
+    match result {
+        Ok(rec) => Ok(rec),
+        Err(e) => {
+            warn!(snapshot = %plan.name, error = %e, "snapshot failed; undoing");
+            rollback(catalog, &target, &mut undo).await;
+            Err(e)
+        }
+    }
+}
+
+/// JSON kept in the catalog for the per-disk part of a snapshot.
+pub fn disks_json(plan: &Plan) -> Value {
+    Value::Array(
+        plan.disks
+            .iter()
+            .map(|d| {
+                json!({
+                    "target": d.target,
+                    "mode": d.mode.as_str(),
+                    "format": d.format.as_str(),
+                    "image": d.image,
+                    "overlay": d.overlay,
+                    "snapshot_file": d.snapshot_file,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// JSON kept in the catalog for the VM-state part of a snapshot.
+pub fn memory_json(plan: &Plan) -> Value {
+    json!({
+        "mode": plan.memory.as_str(),
+        "file": plan.memory_file,
+        "vmstate_disk": plan.vmstate_disk,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    catalog: &Mutex<Catalog>,
+    domain: DomainId,
+    parent: Option<SnapshotId>,
+    origin: &str,
+    plan: &Plan,
+    target: &Target<'_>,
+    job: &Job,
+    now_unix: i64,
+    undo: &mut Undo,
+) -> ServiceResult<SnapshotRecord> {
+    job.set_phase("prepare");
+    let live = target.qmp.is_some();
+    let tops = match target.qmp {
+        Some(q) => top_nodes(q).await?,
+        None => Default::default(),
+    };
+    // Checks that need the images (before any change).
+    for d in plan.disks.iter().filter(|d| d.mode == DiskMode::Internal) {
+        let existing = if live {
+            tops.get(&d.target).map(|t| t.snapshots.clone()).unwrap_or_default()
+        } else {
+            offline_snapshot_tags(&d.image).await?
+        };
+        if existing.iter().any(|t| t == &plan.name) {
+            return Err(ServiceError::AlreadyExists(format!(
+                "disk {} already holds an internal snapshot named {:?}",
+                d.target, plan.name
+            )));
+        }
+    }
+    if live {
+        for d in plan.disks.iter().filter(|d| d.mode != DiskMode::No) {
+            if !tops.contains_key(&d.target) {
+                return Err(ServiceError::InvalidState(format!(
+                    "disk {} is not attached to the running guest",
+                    d.target
+                )));
+            }
+        }
+    }
+    let files: Vec<&PathBuf> = plan
+        .disks
+        .iter()
+        .flat_map(|d| [d.overlay.as_ref(), d.snapshot_file.as_ref()])
+        .flatten()
+        .chain(plan.memory_file.as_ref())
+        .collect();
+    let op = catalog.lock().expect("catalog lock poisoned").begin_operation(
+        domain,
+        "create-snapshot",
+        &json!({"name": plan.name, "files": files}),
+    )?;
+    undo.operation = Some(op);
+    let rec = catalog.lock().expect("catalog lock poisoned").insert_pending_snapshot(&NewSnapshot {
+        domain_id: domain,
+        name: plan.name.clone(),
+        description: plan.description.clone(),
+        created_at: now_unix,
+        state: plan.state.as_str().to_string(),
+        kind: plan.kind.as_str().to_string(),
+        parent,
+        domain_xml: plan.def_before.to_xml(),
+        memory: memory_json(plan),
+        disks: disks_json(plan),
+        origin: origin.to_string(),
+        protected: false,
+    })?;
+    undo.record = Some(rec.id);
+    match target.qmp {
+        Some(qmp) => live_steps(qmp, plan, target.running, job, rec.id, &tops, undo).await?,
+        None => offline_steps(plan, job, undo).await?,
+    }
+    job.set_phase("commit");
+    job.set_cancelable(false);
+    {
+        let mut cat = catalog.lock().expect("catalog lock poisoned");
+        cat.transaction(|tx| {
+            tx.execute(
+                "UPDATE domains SET xml = ?1 WHERE id = ?2",
+                rusqlite::params![plan.def_after.to_xml(), domain.0],
+            )?;
+            Ok(())
+        })?;
+        cat.commit_snapshot(rec.id, true)?;
+        cat.finish_operation(op)?;
+    }
+    undo.record = None;
+    undo.operation = None;
+    let rec = catalog.lock().expect("catalog lock poisoned").snapshot(rec.id)?;
+    info!(snapshot = %plan.name, kind = plan.kind.as_str(), memory = plan.memory.as_str(), "snapshot created");
+    Ok(rec)
+}
+
+async fn offline_snapshot_tags(image: &Path) -> ServiceResult<Vec<String>> {
+    let out = qemu_img(&["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), image.as_os_str()]).await?;
+    let v: Value = serde_json::from_str(&out).map_err(|e| ServiceError::Io {
+        context: "cannot read qemu-img info".into(),
+        source: std::io::Error::other(e),
+    })?;
+    Ok(v.get("snapshots")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string)).collect())
+        .unwrap_or_default())
+}
+
+async fn offline_steps(plan: &Plan, job: &Job, undo: &mut Undo) -> ServiceResult<()> {
+    job.set_phase("disks");
+    let total = plan.disks.iter().filter(|d| d.mode != DiskMode::No).count().max(1);
+    let mut done = 0;
+    for d in &plan.disks {
+        match d.mode {
+            DiskMode::No => continue,
+            DiskMode::Internal => {
+                qemu_img(&["snapshot".as_ref(), "-c".as_ref(), plan.name.as_ref(), d.image.as_os_str()]).await?;
+                undo.offline_internal.push((d.image.clone(), plan.name.clone()));
+            }
+            DiskMode::External => {
+                let overlay = d.overlay.as_ref().expect("planned external disks have an overlay");
+                let backing = match &d.snapshot_file {
+                    Some(renamed) => {
+                        // Keep the active name: the image moves to the snapshot's name and a new
+                        // overlay takes its place.
+                        if renamed.exists() {
+                            return Err(ServiceError::AlreadyExists(format!("{} already exists", renamed.display())));
+                        }
+                        std::fs::rename(&d.image, renamed)
+                            .map_err(io_context(format!("cannot rename {}", d.image.display())))?;
+                        undo.renamed.push((d.image.clone(), renamed.clone()));
+                        renamed.clone()
+                    }
+                    None => d.image.clone(),
+                };
+                drop(create_exclusive(overlay)?);
+                undo.files.push(overlay.clone());
+                qemu_img(&[
+                    "create".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    "-F".as_ref(),
+                    d.format.as_str().as_ref(),
+                    "-b".as_ref(),
+                    backing.as_os_str(),
+                    overlay.as_os_str(),
+                ])
+                .await?;
+            }
+        }
+        done += 1;
+        job.set_progress(done as f64 / total as f64);
+    }
+    Ok(())
+}
+
+async fn live_steps(
+    qmp: &Qmp,
+    plan: &Plan,
+    running: bool,
+    job: &Job,
+    snapshot: SnapshotId,
+    tops: &std::collections::HashMap<String, TopNode>,
+    undo: &mut Undo,
+) -> ServiceResult<()> {
+    if plan.disks.iter().any(|d| d.snapshot_file.is_some()) {
+        return Err(ServiceError::Unsupported(
+            "keeping the active file name is supported on shut-off domains only: a running QEMU \
+             holds the image open under its old name"
+                .into(),
+        ));
+    }
+    // New overlays: files first, then their nodes (not yet in the graph).
+    let mut actions = Vec::new();
+    for d in plan.disks.iter().filter(|d| d.mode == DiskMode::External) {
+        let top = &tops[&d.target];
+        let overlay = d.overlay.as_ref().expect("planned external disks have an overlay");
+        drop(create_exclusive(overlay)?);
+        undo.files.push(overlay.clone());
+        let size = top.virtual_size.to_string();
+        qemu_img(&[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-u".as_ref(),
+            "-F".as_ref(),
+            top.format.as_str().as_ref(),
+            "-b".as_ref(),
+            d.image.as_os_str(),
+            overlay.as_os_str(),
+            size.as_ref(),
+        ])
+        .await?;
+        let node = overlay_node(snapshot, &d.target);
+        qmp.blockdev_add(json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "file": {"driver": "file", "filename": overlay},
+            "backing": null,
+        }))
+        .await
+        .map_err(ServiceError::qemu(format!("cannot open the new overlay of disk {}", d.target)))?;
+        undo.nodes.push(node.clone());
+        actions.push(json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}));
+    }
+    let internal: Vec<&super::plan::DiskPlan> =
+        plan.disks.iter().filter(|d| d.mode == DiskMode::Internal).collect();
+    match plan.memory {
+        MemoryMode::None => {
+            for d in &internal {
+                actions.push(json!({
+                    "type": "blockdev-snapshot-internal-sync",
+                    "data": {"device": tops[&d.target].node, "name": plan.name},
+                }));
+            }
+            job.set_phase("disks");
+            transaction(qmp, actions, plan, &internal, undo, tops).await?;
+        }
+        MemoryMode::Internal => {
+            if running {
+                qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest"))?;
+                undo.paused_by_us = true;
+            }
+            job.set_phase("memory");
+            let vmstate = plan.vmstate_disk.as_ref().expect("internal memory has a vmstate disk");
+            let devices: Vec<&str> = internal.iter().map(|d| tops[&d.target].node.as_str()).collect();
+            save_internal(qmp, &plan.name, &tops[vmstate].node, &devices, snapshot).await?;
+            undo.live_internal.extend(internal.iter().map(|d| (tops[&d.target].node.clone(), plan.name.clone())));
+            job.set_phase("disks");
+            transaction(qmp, actions, plan, &[], undo, tops).await?;
+        }
+        MemoryMode::External => {
+            for d in &internal {
+                actions.push(json!({
+                    "type": "blockdev-snapshot-internal-sync",
+                    "data": {"device": tops[&d.target].node, "name": plan.name},
+                }));
+            }
+            let file = plan.memory_file.as_ref().expect("external memory has a file");
+            let f = create_exclusive(file)?;
+            undo.files.push(file.clone());
+            if running && !plan.live {
+                qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest"))?;
+                undo.paused_by_us = true;
+            }
+            job.set_phase("memory");
+            job.set_cancelable(true);
+            if let Err(e) = begin_external_save(qmp, &f, job).await {
+                let _ = qmp.execute("migrate_cancel", None).await;
+                wait_migration_end(qmp).await;
+                return Err(e);
+            }
+            job.set_cancelable(false);
+            job.set_phase("disks");
+            if let Err(e) = transaction(qmp, actions, plan, &internal, undo, tops).await {
+                let _ = qmp.execute("migrate_cancel", None).await;
+                wait_migration_end(qmp).await;
+                return Err(e);
+            }
+            job.set_phase("memory");
+            finish_external_save(qmp, job, undo).await?;
+            drop(f);
+            if running && plan.live {
+                // The migration stopped the vCPUs at the switchover: resume them below.
+                undo.paused_by_us = true;
+            }
+        }
+    }
+    job.set_cancelable(false);
+    // Re-activate images after a migration and resume a guest that ran.
+    if undo.paused_by_us {
+        qmp.cont().await.map_err(ServiceError::qemu("cannot resume the guest"))?;
+        undo.paused_by_us = false;
+        undo.images_inactive = false;
+    } else if undo.images_inactive {
+        // A guest that was paused by its user stays paused; the images a migration handed
+        // over are taken back by a resume and an immediate pause.
+        qmp.cont().await.map_err(ServiceError::qemu("cannot re-activate the disks"))?;
+        qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest again"))?;
+        undo.images_inactive = false;
+    }
+    // The overlays are in the graph now: nothing to delete on failure from here on.
+    undo.nodes.clear();
+    Ok(())
+}
+
+/// Runs the disk `transaction`; on success the new overlays are part of the graph.
+async fn transaction(
+    qmp: &Qmp,
+    actions: Vec<Value>,
+    plan: &Plan,
+    internal: &[&super::plan::DiskPlan],
+    undo: &mut Undo,
+    tops: &std::collections::HashMap<String, TopNode>,
+) -> ServiceResult<()> {
+    if actions.is_empty() {
+        return Ok(());
+    }
+    qmp.execute("transaction", Some(json!({"actions": actions})))
+        .await
+        .map_err(ServiceError::qemu("the disk snapshot transaction failed"))?;
+    // The overlays now serve the disks; the old tops became their backing nodes.
+    undo.nodes.clear();
+    undo.files.retain(|f| plan.memory_file.as_ref() == Some(f));
+    undo.live_internal.extend(internal.iter().map(|d| (tops[&d.target].node.clone(), plan.name.clone())));
+    Ok(())
+}
+
+async fn save_internal(
+    qmp: &Qmp,
+    tag: &str,
+    vmstate: &str,
+    devices: &[&str],
+    snapshot: SnapshotId,
+) -> ServiceResult<()> {
+    let job_id = format!("vmsnap-save-{}", snapshot.0);
+    let mut events = qmp.subscribe();
+    qmp.execute(
+        "snapshot-save",
+        Some(json!({"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": devices})),
+    )
+    .await
+    .map_err(ServiceError::qemu("cannot start saving the VM state"))?;
+    wait_job_concluded(qmp, &mut events, &job_id, "saving the VM state").await
+}
+
+/// Waits for a QEMU job to conclude, dismisses it and reports its error.
+pub async fn wait_job_concluded(
+    qmp: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+    job_id: &str,
+    what: &str,
+) -> ServiceResult<()> {
+    let deadline = Instant::now() + SAVE_TIMEOUT;
+    let concluded = |qmp: &Qmp| {
+        let qmp = qmp.clone();
+        let id = job_id.to_string();
+        async move {
+            let jobs = qmp.query_jobs().await?;
+            Ok::<_, crate::qmp::QmpError>(jobs.into_iter().find(|j| j.id == id && j.status == "concluded"))
+        }
+    };
+    let info = loop {
+        if let Some(j) = concluded(qmp).await.map_err(ServiceError::qemu(what.to_string()))? {
+            break j;
+        }
+        qmp.wait_event(events, deadline, |e| {
+            e.name == "JOB_STATUS_CHANGE" && e.data.get("id").and_then(Value::as_str) == Some(job_id)
+        })
+        .await
+        .map_err(ServiceError::qemu(what.to_string()))?;
+    };
+    let _ = qmp.job_dismiss(job_id).await;
+    match info.error {
+        Some(err) => Err(ServiceError::Qemu {
+            context: what.to_string(),
+            source: crate::qmp::QmpError::Command {
+                class: "GenericError".into(),
+                desc: err,
+                command: job_id.to_string(),
+            },
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Starts writing the VM state to `file` by migration and follows it until the switchover
+/// point, where the vCPUs are stopped and the disks are still active. Cancellable until then.
+async fn begin_external_save(qmp: &Qmp, file: &std::fs::File, job: &Job) -> ServiceResult<()> {
+    let prep = || ServiceError::qemu("cannot prepare the VM state save");
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]})),
+    )
+    .await
+    .map_err(prep())?;
+    qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": MIGRATE_MAX_BANDWIDTH})))
+        .await
+        .map_err(prep())?;
+    qmp.execute_with_fd("getfd", Some(json!({"fdname": MEMORY_FD_NAME})), file.as_fd())
+        .await
+        .map_err(ServiceError::qemu("cannot hand the memory file to QEMU"))?;
+    if let Err(e) = qmp.execute("migrate", Some(json!({"uri": format!("fd:{MEMORY_FD_NAME}")}))).await {
+        let _ = qmp.execute("closefd", Some(json!({"fdname": MEMORY_FD_NAME}))).await;
+        return Err(ServiceError::qemu("cannot save the VM state")(e));
+    }
+    let cancel = job.cancel_token();
+    let mut cancelling = false;
+    loop {
+        match poll_migration(qmp, job).await? {
+            MigrationStatus::PreSwitchover => return Ok(()),
+            MigrationStatus::Completed => {
+                return Err(ServiceError::Unsupported(
+                    "QEMU finished the VM state save without stopping at the switchover".into(),
+                ));
+            }
+            MigrationStatus::Active => {}
+        }
+        if cancel.is_cancelled() && !cancelling {
+            cancelling = true;
+            qmp.execute("migrate_cancel", None)
+                .await
+                .map_err(ServiceError::qemu("cannot cancel the VM state save"))?;
+        }
+        tokio::time::sleep(MIGRATE_POLL).await;
+    }
+}
+
+/// Lets a migration stopped at the switchover point finish; the images are then inactive.
+async fn finish_external_save(qmp: &Qmp, job: &Job, undo: &mut Undo) -> ServiceResult<()> {
+    qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
+        .await
+        .map_err(ServiceError::qemu("cannot finish the VM state save"))?;
+    undo.images_inactive = true;
+    loop {
+        if poll_migration(qmp, job).await? == MigrationStatus::Completed {
+            return Ok(());
+        }
+        tokio::time::sleep(MIGRATE_POLL).await;
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum MigrationStatus {
+    Active,
+    PreSwitchover,
+    Completed,
+}
+
+/// One look at the migration: reports bytes to the job, turns failure into an error.
+async fn poll_migration(qmp: &Qmp, job: &Job) -> ServiceResult<MigrationStatus> {
+    let st = qmp
+        .execute("query-migrate", None)
+        .await
+        .map_err(ServiceError::qemu("cannot follow the VM state save"))?;
+    if let Some(ram) = st.get("ram") {
+        let done = ram.get("transferred").and_then(Value::as_u64).unwrap_or(0);
+        let total = ram.get("total").and_then(Value::as_u64).unwrap_or(0);
+        job.set_bytes(done, total);
+    }
+    match st.get("status").and_then(Value::as_str).unwrap_or("") {
+        "completed" => Ok(MigrationStatus::Completed),
+        "pre-switchover" => Ok(MigrationStatus::PreSwitchover),
+        "failed" => {
+            let why = st.get("error-desc").and_then(Value::as_str).unwrap_or("unknown reason");
+            Err(ServiceError::Qemu {
+                context: "saving the VM state failed".into(),
+                source: crate::qmp::QmpError::Command {
+                    class: "GenericError".into(),
+                    desc: why.to_string(),
+                    command: "migrate".into(),
+                },
+            })
+        }
+        "cancelled" => Err(ServiceError::Cancelled(
+            "the snapshot was cancelled while saving the VM state".into(),
+        )),
+        _ => Ok(MigrationStatus::Active),
+    }
+}
+
+async fn wait_migration_end(qmp: &Qmp) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match qmp.execute("query-migrate", None).await {
+            Ok(st) => {
+                let s = st.get("status").and_then(Value::as_str).unwrap_or("");
+                if matches!(s, "completed" | "failed" | "cancelled" | "") {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        tokio::time::sleep(MIGRATE_POLL).await;
+    }
+}
+
+async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo) {
+    if let Some(qmp) = target.qmp {
+        for node in undo.nodes.drain(..).rev() {
+            if let Err(e) = qmp.blockdev_del(&node).await {
+                warn!(node = %node, error = %e, "rollback: could not delete an overlay node");
+            }
+        }
+        for (node, tag) in undo.live_internal.drain(..) {
+            let job_id = format!("vmsnap-undo-{node}");
+            let mut events = qmp.subscribe();
+            let r = qmp
+                .execute("snapshot-delete", Some(json!({"job-id": job_id, "tag": tag, "devices": [node]})))
+                .await;
+            match r {
+                Ok(_) => {
+                    if let Err(e) = wait_job_concluded(qmp, &mut events, &job_id, "rollback").await {
+                        warn!(node = %node, error = %e, "rollback: internal snapshot not deleted");
+                    }
+                }
+                Err(e) => warn!(node = %node, error = %e, "rollback: internal snapshot not deleted"),
+            }
+        }
+        if undo.paused_by_us || undo.images_inactive {
+            if let Err(e) = qmp.cont().await {
+                warn!(error = %e, "rollback: could not resume the guest");
+            }
+            if !undo.paused_by_us && !target.running {
+                let _ = qmp.stop().await;
+            }
+        }
+    }
+    for (image, tag) in undo.offline_internal.drain(..) {
+        if let Err(e) = qemu_img(&["snapshot".as_ref(), "-d".as_ref(), tag.as_ref(), image.as_os_str()]).await {
+            warn!(image = %image.display(), error = %e, "rollback: internal snapshot not deleted");
+        }
+    }
+    for f in undo.files.drain(..) {
+        if let Err(e) = std::fs::remove_file(&f) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(file = %f.display(), error = %e, "rollback: could not remove a new file");
+            }
+        }
+    }
+    for (orig, renamed) in undo.renamed.drain(..).rev() {
+        if let Err(e) = std::fs::rename(&renamed, &orig) {
+            warn!(file = %renamed.display(), error = %e, "rollback: could not restore an image's name");
+        }
+    }
+    let mut cat = catalog.lock().expect("catalog lock poisoned");
+    if let Some(id) = undo.record.take() {
+        if let Err(e) = cat.delete_snapshot(id) {
+            warn!(error = %e, "rollback: could not remove the pending record");
+        }
+    }
+    if let Some(op) = undo.operation.take() {
+        if let Err(e) = cat.finish_operation(op) {
+            warn!(error = %e, "rollback: could not close the operation journal");
+        }
+    }
+}
