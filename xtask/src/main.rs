@@ -1,1 +1,162 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <task>` (alias in `.cargo/config.toml`).
+//!
+//! - `ci`: install system packages, then format check, clippy, build and the whole test suite
+//!   (nextest when installed, else `cargo test`), stopping at the first failed step.
+//! - `demo`: install system packages, build, then drive a real vmsnapd on a private bus with
+//!   the `vmsnap` client through a guest's life, echoing every command. Everything it starts is
+//!   stopped and removed at the end, on failure too (the test harness's guards do it).
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
+
+const USAGE: &str = "usage: cargo xtask <ci|demo>
+  ci    fmt check, clippy, build, tests (what CI runs)
+  demo  build and run vmsnapd with a small guest on a private bus";
+
+fn main() -> Result<()> {
+    let task = std::env::args().nth(1);
+    match task.as_deref() {
+        Some("ci") => ci(),
+        Some("demo") => demo(),
+        _ => {
+            eprintln!("{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// The workspace root.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us, so toolchain overrides carry over.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs one step in the workspace root, echoing it first; fails if it fails.
+fn step(program: &str, args: &[&str]) -> Result<()> {
+    let shown = Path::new(program)
+        .file_name()
+        .map_or(program.into(), |n| n.to_string_lossy().into_owned());
+    println!("==> {shown} {}", args.join(" "));
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !status.success() {
+        bail!("`{shown} {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn install_deps() -> Result<()> {
+    step("bash", &["scripts/install-deps.sh"])
+}
+
+fn has_nextest() -> bool {
+    Command::new(cargo())
+        .args(["nextest", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn ci() -> Result<()> {
+    let cargo = cargo();
+    install_deps()?;
+    step(&cargo, &["fmt", "--all", "--", "--check"])?;
+    step(
+        &cargo,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    step(&cargo, &["build", "--workspace", "--locked"])?;
+    if has_nextest() {
+        step(
+            &cargo,
+            &[
+                "nextest",
+                "run",
+                "--workspace",
+                "--locked",
+                "--no-fail-fast",
+            ],
+        )?;
+    } else {
+        println!("cargo-nextest is not installed: running cargo test instead");
+        step(
+            &cargo,
+            &["test", "--workspace", "--locked", "--no-fail-fast"],
+        )?;
+    }
+    println!("==> ci passed");
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    install_deps()?;
+    step(&cargo(), &["build", "--workspace", "--locked"])?;
+    // The harness panics on any failure; unwinding drops the daemon, its guests and the bus
+    // and removes the temporary directory before we report.
+    match catch_unwind(AssertUnwindSafe(run_demo)) {
+        Ok(()) => {
+            println!("==> demo finished; everything it started is stopped and removed");
+            Ok(())
+        }
+        Err(_) => bail!("the demo failed (see above); everything it started was cleaned up"),
+    }
+}
+
+fn run_demo() {
+    println!("==> starting a private system bus with systemd/dbus-1/system.d's policy and vmsnapd");
+    let env = TestEnv::start();
+    println!("bus:     {}", env.bus_address());
+    println!(
+        "vmsnapd: pid {}, log {}",
+        env.daemon.pid().unwrap_or(0),
+        env.daemon.log_path().display()
+    );
+    println!(
+        "try:     busctl --address={} tree org.vmsnap.VmSnap1",
+        env.bus_address()
+    );
+
+    let disk = env.images_dir().join("demo.qcow2");
+    counter_boot_qcow2(&disk);
+    let xml = domain_xml("demo", &[DiskSpec::new(&disk, "qcow2", "vda")]);
+    let xml_path = env.write_xml("demo", &xml);
+    println!("==> the guest: a qcow2 disk whose boot sector counts in a loop\n{xml}");
+
+    let vmsnap = env.client.clone().echoing(true);
+    let xml_arg = xml_path.to_string_lossy().into_owned();
+    vmsnap.ok(["domain", "define", xml_arg.as_str()]);
+    vmsnap.ok(["domain", "start", "demo"]);
+    vmsnap.ok(["domain", "list"]);
+    vmsnap.ok(["domain", "info", "demo"]);
+    vmsnap.ok(["domain", "pause", "demo"]);
+    vmsnap.ok(["domain", "resume", "demo"]);
+    // ---- Snapshots: not implemented yet. When the daemon and client have them, add here:
+    // ---- snapshot create, snapshot list, snapshot revert, snapshot delete.
+    vmsnap.ok(["domain", "destroy", "demo"]);
+    vmsnap.ok(["domain", "undefine", "demo"]);
+    vmsnap.ok(["domain", "list"]);
+    println!("==> stopping vmsnapd and the bus");
+}
