@@ -189,6 +189,17 @@ pub enum DomainCommand {
     /// List domains.
     #[command(after_help = "Example:\n  vmsnap domain list --json")]
     List,
+    /// Pass a command to the guest's QEMU monitor (QMP JSON, or HMP with --hmp).
+    #[command(after_help = "Examples:\n  vmsnap domain monitor web1 '{\"execute\":\"query-status\"}'\n  vmsnap domain monitor web1 --hmp 'info block'")]
+    Monitor {
+        /// Domain name.
+        name: String,
+        /// The command.
+        command: String,
+        /// The command is a human monitor command line.
+        #[arg(long)]
+        hmp: bool,
+    },
     /// Show a domain's state and disks.
     #[command(after_help = "Example:\n  vmsnap domain info web1")]
     Info {

@@ -195,6 +195,16 @@ async fn domain(
             }
             output::emit(json_mode, &Value::Array(rows.clone()), || output::domain_table(&rows));
         }
+        DomainCommand::Monitor { name, command, hmp } => {
+            let d = domain_proxy(conn, manager, &name).await?;
+            let mut o = Opts::new();
+            if hmp {
+                o.insert("hmp", Variant::Bool(true));
+            }
+            let out = d.monitor_command(&command, o).await?;
+            let v = if hmp { json!({"output": out}) } else { serde_json::from_str(&out).unwrap_or(json!(out)) };
+            output::emit(json_mode, &v, || out.trim_end().to_string());
+        }
         DomainCommand::Info { name } => {
             let d = domain_proxy(conn, manager, &name).await?;
             let info = domain_json(&d).await?;

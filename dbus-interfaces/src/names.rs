@@ -74,6 +74,8 @@ pub mod option {
     pub const LIVE: &str = "live";
     /// `b`: rename the current image to the snapshot's file and keep the original path active.
     pub const KEEP_ACTIVE_NAME: &str = "keep-active-name";
+    /// `b`: with `MonitorCommand`, the command is a human monitor command line.
+    pub const HMP: &str = "hmp";
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
 }

@@ -89,6 +89,12 @@ pub trait Domain {
         xml: &str,
         options: HashMap<&str, Variant<'_>>,
     ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Passes a command to the guest's QEMU monitor (QMP JSON, or HMP with option `hmp`).
+    fn monitor_command(
+        &self,
+        command: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<String, crate::Error>;
     /// Every snapshot's path, oldest first.
     fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
     /// The path of the snapshot with this name.

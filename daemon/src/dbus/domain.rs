@@ -179,6 +179,15 @@ impl DomainIface {
         self.run_create(req, &opts, &header, server, emitter).await
     }
 
+    /// Passes a command to the guest's QEMU monitor, like libvirt's `qemu-monitor-command`:
+    /// a QMP command as JSON, or with option `hmp` (b) a human monitor command line. Returns
+    /// QEMU's answer. For diagnostics; changes made this way are not tracked.
+    async fn monitor_command(&self, command: String, options: HashMap<String, OwnedVariant>) -> Result<String, Error> {
+        let opts = Options::parse("MonitorCommand", options, &[option::HMP])?;
+        let hmp = opts.bool(option::HMP)?.unwrap_or(false);
+        self.handle.monitor(command, hmp).await.map_err(wire_error)
+    }
+
     /// Every snapshot's object path, oldest first.
     async fn list_snapshots(&self) -> Vec<OwnedObjectPath> {
         let info = self.handle.info();

@@ -79,7 +79,7 @@ enum Request {
     Resume { reply: Reply<()> },
     AttachDisk { disk: DiskDef, config_only: bool, reply: Reply<()> },
     DetachDisk { target: String, config_only: bool, reply: Reply<()> },
-    Hmp { command: String, reply: Reply<String> },
+    Monitor { command: String, hmp: bool, reply: Reply<String> },
     CreateSnapshot { req: Box<CreateRequest>, origin: String, job: Arc<Job>, reply: Reply<SnapshotId> },
     Stop { reply: oneshot::Sender<()> },
 }
@@ -161,9 +161,12 @@ impl DomainHandle {
         self.call(|reply| Request::DetachDisk { target, config_only, reply }).await
     }
 
-    /// Runs a human monitor command (used by tests and diagnostics).
-    pub async fn hmp(&self, command: String) -> ServiceResult<String> {
-        self.call(|reply| Request::Hmp { command, reply }).await
+    /// Passes a command to QEMU's monitor and returns its answer: with `hmp`, a human
+    /// monitor command line; otherwise a QMP command as JSON (`{"execute": ..., "arguments":
+    /// ...}`), answered with the JSON of its return value. For diagnostics and tests, like
+    /// libvirt's `qemu-monitor-command`.
+    pub async fn monitor(&self, command: String, hmp: bool) -> ServiceResult<String> {
+        self.call(|reply| Request::Monitor { command, hmp, reply }).await
     }
 
     /// Takes a snapshot as `req` asks; progress and cancellation go through `job`.
@@ -513,11 +516,8 @@ impl Actor {
             Request::DetachDisk { target, config_only, reply } => {
                 self.detach_disk(target, config_only, reply).await;
             }
-            Request::Hmp { command, reply } => {
-                let r = match self.qmp() {
-                    Ok(q) => q.human_monitor_command(&command).await.map_err(ServiceError::qemu("human monitor command")),
-                    Err(e) => Err(e),
-                };
+            Request::Monitor { command, hmp, reply } => {
+                let r = self.monitor(&command, hmp).await;
                 let _ = reply.send(r);
             }
             Request::CreateSnapshot { req, origin, job, reply } => {
@@ -841,6 +841,20 @@ impl Actor {
         job.set_phase("waiting for the guest to power off");
         job.set_cancelable(true);
         self.pending_shutdown = Some(PendingShutdown { deadline: Instant::now() + timeout, force, job, reply });
+    }
+
+    async fn monitor(&self, command: &str, hmp: bool) -> ServiceResult<String> {
+        let qmp = self.qmp()?;
+        if hmp {
+            return qmp.human_monitor_command(command).await.map_err(ServiceError::qemu("human monitor command"));
+        }
+        let v: Value = serde_json::from_str(command)
+            .map_err(|e| ServiceError::InvalidArgument(format!("the QMP command is not JSON: {e}")))?;
+        let Some(name) = v.get("execute").and_then(Value::as_str) else {
+            return Err(ServiceError::InvalidArgument("the QMP command has no \"execute\" member".into()));
+        };
+        let r = qmp.execute(name, v.get("arguments").cloned()).await.map_err(ServiceError::qemu(format!("QMP {name}")))?;
+        Ok(r.to_string())
     }
 
     async fn create_snapshot(

@@ -3,4 +3,6 @@
 //! One module per feature. Each test builds what it needs from the `vmsnap_tests` harness and
 //! has a deadline for every wait; nextest runs the tests in parallel processes.
 
+mod domains;
 mod harness_selftest;
+mod introspection;
