@@ -3,3 +3,4 @@
 pub mod catalog;
 pub mod domain;
 pub mod qmp;
+pub mod snapshot;
