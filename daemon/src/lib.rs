@@ -15,6 +15,7 @@ pub mod job;
 pub mod logging;
 pub mod qmp;
 pub mod service;
+pub mod snapshot;
 pub mod shutdown;
 pub mod systemd;
 

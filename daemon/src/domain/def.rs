@@ -598,7 +598,7 @@ fn validate_name(name: &str) -> Result<(), DefError> {
 }
 
 /// Characters XML 1.0 can carry (also as character references).
-fn is_xml_char(c: char) -> bool {
+pub(crate) fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
 }
 
@@ -613,14 +613,14 @@ fn check_xml_chars(what: &str, value: &str) -> Result<(), DefError> {
     }
 }
 
-fn xml_trim(s: &str) -> &str {
+pub(crate) fn xml_trim(s: &str) -> &str {
     s.trim_matches([' ', '\t', '\r', '\n'])
 }
 
 // ---------------------------------------------------------------------------------------------
 // Escaping
 
-fn escape_text(s: &str) -> Cow<'_, str> {
+pub(crate) fn escape_text(s: &str) -> Cow<'_, str> {
     escape_with(s, |c| match c {
         '&' => Some("&amp;"),
         '<' => Some("&lt;"),
@@ -631,7 +631,7 @@ fn escape_text(s: &str) -> Cow<'_, str> {
     })
 }
 
-fn escape_attr(s: &str) -> Cow<'_, str> {
+pub(crate) fn escape_attr(s: &str) -> Cow<'_, str> {
     escape_with(s, |c| match c {
         '&' => Some("&amp;"),
         '<' => Some("&lt;"),
@@ -664,11 +664,11 @@ fn escape_with(s: &str, map: impl Fn(char) -> Option<&'static str>) -> Cow<'_, s
 // Generic element tree
 
 /// An element with its attributes, decoded text and child elements.
-struct Node {
-    name: String,
-    attrs: Vec<(String, String)>,
-    text: String,
-    children: Vec<Node>,
+pub(crate) struct Node {
+    pub(crate) name: String,
+    pub(crate) attrs: Vec<(String, String)>,
+    pub(crate) text: String,
+    pub(crate) children: Vec<Node>,
 }
 
 fn malformed(e: impl fmt::Display) -> DefError {
@@ -694,7 +694,7 @@ fn open_node(start: &BytesStart<'_>) -> Result<Node, DefError> {
     })
 }
 
-fn parse_tree(xml: &str) -> Result<Node, DefError> {
+pub(crate) fn parse_tree(xml: &str) -> Result<Node, DefError> {
     if xml.len() > MAX_XML_BYTES {
         return Err(DefError::TooLarge {
             limit: MAX_XML_BYTES,
@@ -786,7 +786,7 @@ fn parse_tree(xml: &str) -> Result<Node, DefError> {
 }
 
 impl Node {
-    fn attr(&self, name: &str) -> Option<&str> {
+    pub(crate) fn attr(&self, name: &str) -> Option<&str> {
         self.attrs
             .iter()
             .find(|(k, _)| k == name)
@@ -794,7 +794,7 @@ impl Node {
     }
 
     /// Refuses attributes outside `allowed`.
-    fn allow_attrs(&self, path: &str, allowed: &[&str]) -> Result<(), DefError> {
+    pub(crate) fn allow_attrs(&self, path: &str, allowed: &[&str]) -> Result<(), DefError> {
         match self
             .attrs
             .iter()
@@ -809,7 +809,7 @@ impl Node {
     }
 
     /// Refuses child elements (for elements holding only text or nothing).
-    fn leaf(&self, path: &str) -> Result<(), DefError> {
+    pub(crate) fn leaf(&self, path: &str) -> Result<(), DefError> {
         match self.children.first() {
             Some(child) => Err(DefError::UnknownElement(format!("{path}/{}", child.name))),
             None => Ok(()),
@@ -817,7 +817,7 @@ impl Node {
     }
 
     /// Refuses text other than whitespace.
-    fn no_text(&self, path: &str) -> Result<(), DefError> {
+    pub(crate) fn no_text(&self, path: &str) -> Result<(), DefError> {
         let text = xml_trim(&self.text);
         if text.is_empty() {
             Ok(())
@@ -831,13 +831,13 @@ impl Node {
     }
 
     /// A leaf with allowed attributes and no text or children.
-    fn empty(&self, path: &str, allowed: &[&str]) -> Result<(), DefError> {
+    pub(crate) fn empty(&self, path: &str, allowed: &[&str]) -> Result<(), DefError> {
         self.allow_attrs(path, allowed)?;
         self.leaf(path)?;
         self.no_text(path)
     }
 
-    fn required_attr(&self, path: &str, name: &str) -> Result<&str, DefError> {
+    pub(crate) fn required_attr(&self, path: &str, name: &str) -> Result<&str, DefError> {
         self.attr(name).ok_or_else(|| {
             DefError::Missing(format!("attribute '{name}' on {}", describe_element(path)))
         })

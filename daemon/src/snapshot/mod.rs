@@ -1,0 +1,12 @@
+//! Snapshots of domains, following libvirt's snapshot design: a *disk snapshot* covers disks
+//! only, a *checkpoint* adds the VM state (RAM and devices); per disk a snapshot is *internal*
+//! (inside the qcow2 image) or *external* (a new qcow2 overlay backed by the old image), and the
+//! VM state is internal (inside a qcow2 image) or external (a file).
+//!
+//! [`plan`] validates a request into a [`plan::Plan`] before any work is done; [`xml`] reads
+//! libvirt's `<domainsnapshot>` creation documents and writes the output format.
+
+pub mod plan;
+pub mod xml;
+pub mod create;
+pub mod record;
