@@ -18,6 +18,7 @@ pub mod service;
 pub mod snapshot;
 pub mod shutdown;
 pub mod systemd;
+pub mod testhooks;
 
 use std::time::Duration;
 

@@ -116,6 +116,7 @@ impl Daemon {
             .arg("--log-level")
             .arg(level)
             .env("NOTIFY_SOCKET", &socket_path)
+            .env("VMSNAPD_TEST_HOOKS", "share-rw")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log)

@@ -218,7 +218,7 @@ fn device_json(disk: &DiskDef) -> Value {
     let map = dev.as_object_mut().expect("device is an object");
     map.insert("drive".into(), format_node_name(target).into());
     map.insert("id".into(), target.into());
-    if disk.shareable {
+    if disk.shareable || crate::testhooks::enabled("share-rw") {
         map.insert("share-rw".into(), true.into());
     }
     if let Some(order) = disk.boot_order {
