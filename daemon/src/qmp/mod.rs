@@ -100,7 +100,9 @@ struct Shared {
 }
 
 impl Shared {
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Reply>>>> {
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Reply>>>> {
         // The map stays consistent even if a holder panicked: every operation is one call.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -108,10 +110,11 @@ impl Shared {
     /// Marks the connection closed and fails every pending command with `failure`.
     fn close(&self, failure: Failure) {
         let pending = self.lock_pending().take();
+        // Flag first, so a caller woken by its failure already sees `is_closed()`.
+        self.closed.send_replace(true);
         for (_, tx) in pending.into_iter().flatten() {
             let _ = tx.send(Err(failure.clone()));
         }
-        self.closed.send_replace(true);
     }
 }
 
@@ -330,7 +333,8 @@ impl Qmp {
     }
 
     /// `quit`: makes QEMU exit. The connection closing before the reply arrives also
-    /// counts as success, since that is what quitting means.
+    /// counts as success, since that is what quitting means. QEMU 7.2 emits `SHUTDOWN`
+    /// before the reply and may then reset rather than close the socket.
     pub async fn quit(&self) -> Result<(), QmpError> {
         match self.execute_unit("quit", None).await {
             Err(QmpError::Closed) => Ok(()),
@@ -374,8 +378,11 @@ impl Qmp {
 
     /// `human-monitor-command`: runs an HMP command line and returns its output.
     pub async fn human_monitor_command(&self, cmd: &str) -> Result<String, QmpError> {
-        self.execute_typed("human-monitor-command", Some(json!({ "command-line": cmd })))
-            .await
+        self.execute_typed(
+            "human-monitor-command",
+            Some(json!({ "command-line": cmd })),
+        )
+        .await
     }
 
     /// `query-jobs`: the background jobs (e.g. `snapshot-save`) and their status.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
@@ -303,7 +303,9 @@ async fn snapshot_save_runs_as_a_job() {
         .unwrap();
     vm.qmp
         .wait_event_described(&mut vm.events, deadline(), "job save0 to conclude", |e| {
-            e.name == "JOB_STATUS_CHANGE" && e.data["id"] == "save0" && e.data["status"] == "concluded"
+            e.name == "JOB_STATUS_CHANGE"
+                && e.data["id"] == "save0"
+                && e.data["status"] == "concluded"
         })
         .await
         .unwrap();
@@ -338,10 +340,7 @@ async fn quit_closes_the_connection() {
         .await
         .expect("closed() resolves");
     assert!(qmp.is_closed());
-    assert!(matches!(
-        qmp.query_status().await,
-        Err(QmpError::Closed)
-    ));
+    assert!(matches!(qmp.query_status().await, Err(QmpError::Closed)));
     // Receivers drain what was sent, then see the end of the stream.
     let err = qmp
         .wait_named_event(&mut late, "NO_SUCH_EVENT", deadline())
@@ -385,7 +384,8 @@ impl Peer {
     }
 
     async fn reply(&mut self, id: &Value, ret: Value) {
-        self.send(&json!({ "return": ret, "id": id }).to_string()).await;
+        self.send(&json!({ "return": ret, "id": id }).to_string())
+            .await;
     }
 
     /// Sends the greeting and answers `qmp_capabilities`.
@@ -455,7 +455,10 @@ async fn fake_events_strays_and_unknown_messages() {
     assert_eq!(ev.data, json!({"x": 1}));
     assert_eq!(ev.timestamp_micros, 2_000_005);
     let ev = events.recv().await.unwrap();
-    assert_eq!((ev.name.as_str(), ev.data.clone(), ev.timestamp_micros), ("NO_DATA", Value::Null, 0));
+    assert_eq!(
+        (ev.name.as_str(), ev.data.clone(), ev.timestamp_micros),
+        ("NO_DATA", Value::Null, 0)
+    );
     assert!(!qmp.is_closed());
 }
 
@@ -469,10 +472,18 @@ async fn fake_garbage_line_is_a_protocol_error_and_drops_the_connection() {
     })
     .await;
     let err = qmp.execute("query-status", None).await.unwrap_err();
-    assert!(matches!(&err, QmpError::Protocol(m) if m.contains("malformed JSON")), "{err:?}");
-    tokio::time::timeout(TEST_DEADLINE, qmp.closed()).await.unwrap();
+    assert!(
+        matches!(&err, QmpError::Protocol(m) if m.contains("malformed JSON")),
+        "{err:?}"
+    );
+    tokio::time::timeout(TEST_DEADLINE, qmp.closed())
+        .await
+        .unwrap();
     assert!(qmp.is_closed());
-    assert!(matches!(qmp.execute("query-status", None).await, Err(QmpError::Closed)));
+    assert!(matches!(
+        qmp.execute("query-status", None).await,
+        Err(QmpError::Closed)
+    ));
 }
 
 #[tokio::test]
@@ -485,7 +496,10 @@ async fn fake_reply_without_id_is_a_protocol_error() {
     })
     .await;
     let err = qmp.execute("query-status", None).await.unwrap_err();
-    assert!(matches!(&err, QmpError::Protocol(m) if m.contains("without id")), "{err:?}");
+    assert!(
+        matches!(&err, QmpError::Protocol(m) if m.contains("without id")),
+        "{err:?}"
+    );
     assert!(qmp.is_closed());
 }
 
@@ -506,7 +520,9 @@ async fn fake_peer_closing_mid_command_fails_pending_commands() {
     );
     assert!(matches!(a, Err(QmpError::Closed)), "{a:?}");
     assert!(matches!(b, Err(QmpError::Closed)), "{b:?}");
-    tokio::time::timeout(TEST_DEADLINE, qmp.closed()).await.unwrap();
+    tokio::time::timeout(TEST_DEADLINE, qmp.closed())
+        .await
+        .unwrap();
     assert!(matches!(qmp.stop().await, Err(QmpError::Closed)));
     // The last event still arrives before the end of the stream.
     assert_eq!(events.recv().await.unwrap().name, "LAST_WORDS");
@@ -529,7 +545,10 @@ async fn fake_missing_greeting_times_out_within_the_deadline() {
     let err = Qmp::connect(&path, start + Duration::from_millis(300))
         .await
         .unwrap_err();
-    assert!(matches!(&err, QmpError::Timeout(m) if m.contains("greeting")), "{err:?}");
+    assert!(
+        matches!(&err, QmpError::Timeout(m) if m.contains("greeting")),
+        "{err:?}"
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
     server.await.unwrap();
 }
@@ -543,7 +562,10 @@ async fn fake_bad_greeting_is_a_protocol_error() {
         let _ = peer.lines.next_line().await;
     });
     let err = Qmp::connect(&path, deadline()).await.unwrap_err();
-    assert!(matches!(&err, QmpError::Protocol(m) if m.contains("greeting")), "{err:?}");
+    assert!(
+        matches!(&err, QmpError::Protocol(m) if m.contains("greeting")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -558,7 +580,10 @@ async fn fake_unanswered_capabilities_time_out() {
     let err = Qmp::connect(&path, Instant::now() + Duration::from_millis(300))
         .await
         .unwrap_err();
-    assert!(matches!(&err, QmpError::Timeout(m) if m.contains("qmp_capabilities")), "{err:?}");
+    assert!(
+        matches!(&err, QmpError::Timeout(m) if m.contains("qmp_capabilities")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -582,7 +607,10 @@ async fn connect_retries_until_the_socket_appears() {
     let err = Qmp::connect(&missing, Instant::now() + Duration::from_millis(100))
         .await
         .unwrap_err();
-    assert!(matches!(&err, QmpError::Timeout(m) if m.contains("never.sock")), "{err:?}");
+    assert!(
+        matches!(&err, QmpError::Timeout(m) if m.contains("never.sock")),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -596,7 +624,8 @@ async fn dropped_command_futures_do_not_disturb_others() {
         let _ = peer.lines.next_line().await;
     })
     .await;
-    let abandoned = tokio::time::timeout(Duration::from_millis(50), qmp.execute("first", None)).await;
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(50), qmp.execute("first", None)).await;
     assert!(abandoned.is_err());
     let reply = qmp.execute("second", None).await.unwrap();
     assert_eq!(reply, json!({"second": true}));
@@ -612,5 +641,4 @@ fn assert_send_sync() {
         fut(q.execute_with_fd("x", None, fd));
         fut(q.closed());
     };
-    let _: fn(UnixStream) = |_| {};
 }
