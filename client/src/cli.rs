@@ -190,7 +190,9 @@ pub enum DomainCommand {
     #[command(after_help = "Example:\n  vmsnap domain list --json")]
     List,
     /// Pass a command to the guest's QEMU monitor (QMP JSON, or HMP with --hmp).
-    #[command(after_help = "Examples:\n  vmsnap domain monitor web1 '{\"execute\":\"query-status\"}'\n  vmsnap domain monitor web1 --hmp 'info block'")]
+    #[command(
+        after_help = "Examples:\n  vmsnap domain monitor web1 '{\"execute\":\"query-status\"}'\n  vmsnap domain monitor web1 --hmp 'info block'"
+    )]
     Monitor {
         /// Domain name.
         name: String,

@@ -22,7 +22,10 @@ use output::Failure;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("vmsnap: cannot start: {e}");
@@ -85,9 +88,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Version => {
             let v = manager.version().await?;
-            output::emit(json_mode, &json!({"client": env!("CARGO_PKG_VERSION"), "daemon": v}), || {
-                format!("vmsnap {}\nvmsnapd {v}", env!("CARGO_PKG_VERSION"))
-            });
+            output::emit(
+                json_mode,
+                &json!({"client": env!("CARGO_PKG_VERSION"), "daemon": v}),
+                || format!("vmsnap {}\nvmsnapd {v}", env!("CARGO_PKG_VERSION")),
+            );
         }
         Command::Domain(cmd) => domain(&conn, &manager, json_mode, cmd).await?,
         Command::Create(args) => snapshot::create(&conn, &manager, json_mode, args).await?,
@@ -115,9 +120,14 @@ async fn domain(
             let path = manager.define_domain(&xml, Opts::new()).await?;
             let d = DomainProxy::builder(conn).path(path).build().await?;
             let name = d.name().await?;
-            output::emit(json_mode, &domain_json(&d).await?, || format!("Domain {name} defined"));
+            output::emit(json_mode, &domain_json(&d).await?, || {
+                format!("Domain {name} defined")
+            });
         }
-        DomainCommand::Undefine { name, snapshots_metadata } => {
+        DomainCommand::Undefine {
+            name,
+            snapshots_metadata,
+        } => {
             let mut o = Opts::new();
             if snapshots_metadata {
                 o.insert("snapshots-metadata", Variant::Bool(true));
@@ -128,9 +138,13 @@ async fn domain(
             });
         }
         DomainCommand::Attach { name, qmp } => {
-            let path = manager.attach_domain(&name, &qmp.to_string_lossy(), Opts::new()).await?;
+            let path = manager
+                .attach_domain(&name, &qmp.to_string_lossy(), Opts::new())
+                .await?;
             let d = DomainProxy::builder(conn).path(path).build().await?;
-            output::emit(json_mode, &domain_json(&d).await?, || format!("Domain {name} attached"));
+            output::emit(json_mode, &domain_json(&d).await?, || {
+                format!("Domain {name} attached")
+            });
         }
         DomainCommand::Start { name, paused } => {
             let d = domain_proxy(conn, manager, &name).await?;
@@ -144,7 +158,12 @@ async fn domain(
                 format!("Domain {name} started ({state})")
             });
         }
-        DomainCommand::Shutdown { name, timeout, force, no_wait } => {
+        DomainCommand::Shutdown {
+            name,
+            timeout,
+            force,
+            no_wait,
+        } => {
             let d = domain_proxy(conn, manager, &name).await?;
             let mut o = Opts::new();
             if let Some(t) = timeout {
@@ -158,7 +177,11 @@ async fn domain(
             }
             let job = d.shutdown(o).await?;
             if no_wait {
-                output::emit(json_mode, &json!({"name": name, "job": job.to_string()}), || job.to_string());
+                output::emit(
+                    json_mode,
+                    &json!({"name": name, "job": job.to_string()}),
+                    || job.to_string(),
+                );
             } else {
                 let state = d.state().await?;
                 output::emit(json_mode, &json!({"name": name, "state": state}), || {
@@ -169,23 +192,29 @@ async fn domain(
         DomainCommand::Destroy { name } => {
             let d = domain_proxy(conn, manager, &name).await?;
             d.destroy(Opts::new()).await?;
-            output::emit(json_mode, &json!({"name": name, "state": d.state().await?}), || {
-                format!("Domain {name} destroyed")
-            });
+            output::emit(
+                json_mode,
+                &json!({"name": name, "state": d.state().await?}),
+                || format!("Domain {name} destroyed"),
+            );
         }
         DomainCommand::Pause { name } => {
             let d = domain_proxy(conn, manager, &name).await?;
             d.pause(Opts::new()).await?;
-            output::emit(json_mode, &json!({"name": name, "state": d.state().await?}), || {
-                format!("Domain {name} paused")
-            });
+            output::emit(
+                json_mode,
+                &json!({"name": name, "state": d.state().await?}),
+                || format!("Domain {name} paused"),
+            );
         }
         DomainCommand::Resume { name } => {
             let d = domain_proxy(conn, manager, &name).await?;
             d.resume(Opts::new()).await?;
-            output::emit(json_mode, &json!({"name": name, "state": d.state().await?}), || {
-                format!("Domain {name} resumed")
-            });
+            output::emit(
+                json_mode,
+                &json!({"name": name, "state": d.state().await?}),
+                || format!("Domain {name} resumed"),
+            );
         }
         DomainCommand::List => {
             let mut rows = Vec::new();
@@ -193,7 +222,9 @@ async fn domain(
                 let d = DomainProxy::builder(conn).path(path).build().await?;
                 rows.push(domain_json(&d).await?);
             }
-            output::emit(json_mode, &Value::Array(rows.clone()), || output::domain_table(&rows));
+            output::emit(json_mode, &Value::Array(rows.clone()), || {
+                output::domain_table(&rows)
+            });
         }
         DomainCommand::Monitor { name, command, hmp } => {
             let d = domain_proxy(conn, manager, &name).await?;
@@ -202,7 +233,11 @@ async fn domain(
                 o.insert("hmp", Variant::Bool(true));
             }
             let out = d.monitor_command(&command, o).await?;
-            let v = if hmp { json!({"output": out}) } else { serde_json::from_str(&out).unwrap_or(json!(out)) };
+            let v = if hmp {
+                json!({"output": out})
+            } else {
+                serde_json::from_str(&out).unwrap_or(json!(out))
+            };
             output::emit(json_mode, &v, || out.trim_end().to_string());
         }
         DomainCommand::Info { name } => {
@@ -213,9 +248,15 @@ async fn domain(
         DomainCommand::Dumpxml { name } => {
             let d = domain_proxy(conn, manager, &name).await?;
             let xml = d.get_xml(Opts::new()).await?;
-            output::emit(json_mode, &json!({"name": name, "xml": xml}), || xml.trim_end().to_string());
+            output::emit(json_mode, &json!({"name": name, "xml": xml}), || {
+                xml.trim_end().to_string()
+            });
         }
-        DomainCommand::AttachDisk { name, file, config_only } => {
+        DomainCommand::AttachDisk {
+            name,
+            file,
+            config_only,
+        } => {
             let xml = std::fs::read_to_string(&file)
                 .map_err(|e| Failure::local(format!("cannot read {}: {e}", file.display())))?;
             let d = domain_proxy(conn, manager, &name).await?;
@@ -224,9 +265,15 @@ async fn domain(
                 o.insert("config-only", Variant::Bool(true));
             }
             d.attach_disk(&xml, o).await?;
-            output::emit(json_mode, &domain_json(&d).await?, || format!("Disk attached to {name}"));
+            output::emit(json_mode, &domain_json(&d).await?, || {
+                format!("Disk attached to {name}")
+            });
         }
-        DomainCommand::DetachDisk { name, target, config_only } => {
+        DomainCommand::DetachDisk {
+            name,
+            target,
+            config_only,
+        } => {
             let d = domain_proxy(conn, manager, &name).await?;
             let mut o = Opts::new();
             if config_only {

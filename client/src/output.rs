@@ -10,7 +10,10 @@ use vmsnap_dbus::names::ERROR_PREFIX;
 /// Prints `value` as JSON, or the human rendering.
 pub fn emit(json_mode: bool, value: &Value, human: impl FnOnce() -> String) {
     if json_mode {
-        println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        );
     } else {
         println!("{}", human());
     }
@@ -19,10 +22,19 @@ pub fn emit(json_mode: bool, value: &Value, human: impl FnOnce() -> String) {
 /// A table of domains.
 pub fn domain_table(rows: &[Value]) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let name_w = rows.iter().map(|r| s(r, "name").len()).max().unwrap_or(0).max(4);
+    let name_w = rows
+        .iter()
+        .map(|r| s(r, "name").len())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     let mut out = format!("{:<name_w$}  {:<8}  {:<8}  DISKS", "NAME", "STATE", "KIND");
     for r in rows {
-        let disks = r.get("disks").and_then(Value::as_array).map(|d| d.len()).unwrap_or(0);
+        let disks = r
+            .get("disks")
+            .and_then(Value::as_array)
+            .map(|d| d.len())
+            .unwrap_or(0);
         out.push_str(&format!(
             "\n{:<name_w$}  {:<8}  {:<8}  {disks}",
             s(r, "name"),
@@ -44,7 +56,12 @@ pub fn domain_info(v: &Value) -> String {
         s("kind"),
         s("current_snapshot")
     );
-    for d in v.get("disks").and_then(Value::as_array).into_iter().flatten() {
+    for d in v
+        .get("disks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let g = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         let flags: Vec<&str> = d
             .get("flags")
@@ -99,12 +116,19 @@ impl Failure {
                         "vmsnapd is not running on this bus".to_string()
                     }
                     "org.freedesktop.DBus.Error.AccessDenied" => {
-                        format!("access denied by the bus policy: {}", desc.unwrap_or_default())
+                        format!(
+                            "access denied by the bus policy: {}",
+                            desc.unwrap_or_default()
+                        )
                     }
                     _ => desc.unwrap_or_else(|| name.clone()),
                 };
                 let code = if name.ends_with("AccessDenied") { 6 } else { 1 };
-                Failure { name, message, code }
+                Failure {
+                    name,
+                    message,
+                    code,
+                }
             }
             Error::ZBus(other) => Failure {
                 name: "org.freedesktop.DBus.Error.Failed".into(),
@@ -130,7 +154,11 @@ impl Failure {
 
     /// A local problem (an unreadable file).
     pub fn local(message: String) -> Failure {
-        Failure { name: format!("{ERROR_PREFIX}.InvalidArgument"), message, code: 7 }
+        Failure {
+            name: format!("{ERROR_PREFIX}.InvalidArgument"),
+            message,
+            code: 7,
+        }
     }
 
     /// Prints the failure and returns the exit code.
@@ -175,14 +203,23 @@ fn time(secs: u64) -> String {
 /// A table of snapshots: name, creation time, state, kind, current marker, description.
 pub fn snapshot_table(rows: &[Value]) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let name_w = rows.iter().map(|r| s(r, "name").chars().count()).max().unwrap_or(0).max(4);
+    let name_w = rows
+        .iter()
+        .map(|r| s(r, "name").chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     let mut out = format!(
         "{:<name_w$}  {:<19}  {:<13}  {:<10}  C  DESCRIPTION",
         "NAME", "CREATED", "STATE", "KIND"
     );
     for r in rows {
         let created = time(r.get("created").and_then(Value::as_u64).unwrap_or(0));
-        let cur = if r.get("current").and_then(Value::as_bool).unwrap_or(false) { "*" } else { " " };
+        let cur = if r.get("current").and_then(Value::as_bool).unwrap_or(false) {
+            "*"
+        } else {
+            " "
+        };
         out.push_str(&format!(
             "\n{:<name_w$}  {created:<19}  {:<13}  {:<10}  {cur}  {}",
             s(r, "name"),
@@ -205,7 +242,11 @@ pub fn snapshot_info(v: &Value) -> String {
         s("state"),
         s("kind"),
         v.get("parent").and_then(Value::as_str).unwrap_or("-"),
-        if v.get("current").and_then(Value::as_bool).unwrap_or(false) { "yes" } else { "no" },
+        if v.get("current").and_then(Value::as_bool).unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        },
         s("status"),
     );
     let m = &v["memory"];
@@ -214,9 +255,19 @@ pub fn snapshot_info(v: &Value) -> String {
         m.get("mode").and_then(Value::as_str).unwrap_or(""),
         m.get("where").and_then(Value::as_str).unwrap_or("")
     ));
-    for d in v.get("disks").and_then(Value::as_array).into_iter().flatten() {
+    for d in v
+        .get("disks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         let g = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-        out.push_str(&format!("\nDisk:        {} {} {}", g("target"), g("mode"), g("file")));
+        out.push_str(&format!(
+            "\nDisk:        {} {} {}",
+            g("target"),
+            g("mode"),
+            g("file")
+        ));
         if !g("overlay").is_empty() {
             out.push_str(&format!(" (active: {})", g("overlay")));
         }

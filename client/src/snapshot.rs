@@ -17,7 +17,10 @@ use crate::{Opts, domain_proxy};
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 
 async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
-    let s = SnapshotProxy::builder(conn).path(path.clone()).build().await?;
+    let s = SnapshotProxy::builder(conn)
+        .path(path.clone())
+        .build()
+        .await?;
     let (mem_mode, mem_place) = s.memory().await?;
     let disks: Vec<Value> = s
         .disks()
@@ -29,7 +32,10 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
     let parent_name = if parent.as_str() == "/" {
         Value::Null
     } else {
-        let p = SnapshotProxy::builder(conn).path(parent.clone()).build().await?;
+        let p = SnapshotProxy::builder(conn)
+            .path(parent.clone())
+            .build()
+            .await?;
         Value::String(p.name().await?)
     };
     Ok(json!({
@@ -78,7 +84,10 @@ pub async fn create(
                 o.insert("memory", Variant::from(m.as_str()));
             }
             if let Some(f) = &a.memory_file {
-                o.insert("memory-file", Variant::from(f.to_string_lossy().into_owned()));
+                o.insert(
+                    "memory-file",
+                    Variant::from(f.to_string_lossy().into_owned()),
+                );
             }
             if let Some(v) = &a.vmstate_disk {
                 o.insert("vmstate-disk", Variant::from(v.as_str()));
@@ -86,17 +95,22 @@ pub async fn create(
             if !a.disks.is_empty() {
                 o.insert("disks", Variant::from(a.disks.clone()));
             }
-            d.create_snapshot(a.name.as_deref().unwrap_or(""), &a.description, o).await?
+            d.create_snapshot(a.name.as_deref().unwrap_or(""), &a.description, o)
+                .await?
         }
     };
     if !follow {
-        output::emit(json_mode, &json!({"job": job_path.to_string()}), || job_path.to_string());
+        output::emit(json_mode, &json!({"job": job_path.to_string()}), || {
+            job_path.to_string()
+        });
         return Ok(());
     }
     let result = follow_job(conn, job_path, json_mode).await?;
     let info = snapshot_json(conn, result).await?;
     let name = info["name"].as_str().unwrap_or_default().to_string();
-    output::emit(json_mode, &info, || format!("Snapshot {name} of {} created", a.domain));
+    output::emit(json_mode, &info, || {
+        format!("Snapshot {name} of {} created", a.domain)
+    });
     Ok(())
 }
 
@@ -177,7 +191,9 @@ pub async fn list(
     for p in d.list_snapshots().await? {
         rows.push(snapshot_json(conn, p).await?);
     }
-    output::emit(json_mode, &Value::Array(rows.clone()), || output::snapshot_table(&rows));
+    output::emit(json_mode, &Value::Array(rows.clone()), || {
+        output::snapshot_table(&rows)
+    });
     Ok(())
 }
 
@@ -208,6 +224,8 @@ pub async fn dumpxml(
     let p = d.find_snapshot(snapshot).await?;
     let s = SnapshotProxy::builder(conn).path(p).build().await?;
     let xml = s.get_xml().await?;
-    output::emit(json_mode, &json!({"xml": xml}), || xml.trim_end().to_string());
+    output::emit(json_mode, &json!({"xml": xml}), || {
+        xml.trim_end().to_string()
+    });
     Ok(())
 }

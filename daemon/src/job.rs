@@ -92,7 +92,11 @@ impl Job {
     /// Reports progress in bytes; `total` 0 means unknown.
     pub fn set_bytes(&self, done: u64, total: u64) {
         self.status.send_if_modified(|s| {
-            let progress = if total > 0 { (done as f64 / total as f64).min(1.0) } else { 0.0 };
+            let progress = if total > 0 {
+                (done as f64 / total as f64).min(1.0)
+            } else {
+                0.0
+            };
             let changed = s.bytes_done != done || s.bytes_total != total;
             s.bytes_done = done;
             s.bytes_total = total;
@@ -196,8 +200,15 @@ impl JobRegistry {
             error_name: String::new(),
             error_message: String::new(),
         });
-        let job = Arc::new(Job { id, status, cancel: CancellationToken::new() });
-        self.jobs.lock().expect("job registry poisoned").insert(id, job.clone());
+        let job = Arc::new(Job {
+            id,
+            status,
+            cancel: CancellationToken::new(),
+        });
+        self.jobs
+            .lock()
+            .expect("job registry poisoned")
+            .insert(id, job.clone());
         job
     }
 
@@ -208,7 +219,11 @@ impl JobRegistry {
 
     /// A job by number.
     pub fn get(&self, id: JobId) -> Option<Arc<Job>> {
-        self.jobs.lock().expect("job registry poisoned").get(&id).cloned()
+        self.jobs
+            .lock()
+            .expect("job registry poisoned")
+            .get(&id)
+            .cloned()
     }
 
     /// Number of jobs that have not finished.
@@ -248,7 +263,10 @@ mod tests {
         assert_eq!(s.progress, 0.25);
         assert!(s.progress_valid);
         job.set_bytes(25, 100);
-        assert!(!rx.has_changed().unwrap(), "an unchanged report must not wake observers");
+        assert!(
+            !rx.has_changed().unwrap(),
+            "an unchanged report must not wake observers"
+        );
         assert_eq!(reg.running(), 1);
         job.finish();
         assert_eq!(reg.running(), 0);

@@ -15,8 +15,8 @@ pub mod job;
 pub mod logging;
 pub mod qmp;
 pub mod service;
-pub mod snapshot;
 pub mod shutdown;
+pub mod snapshot;
 pub mod systemd;
 pub mod testhooks;
 
@@ -51,7 +51,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     info!(version = env!("CARGO_PKG_VERSION"), "vmsnapd ready");
     systemd::notify_ready(&service.status_line());
     // Ping at half the watchdog interval, from this loop only: a hung loop stops pinging.
-    let tick = systemd::watchdog_interval().map(|d| d / 2).unwrap_or(STATUS_INTERVAL);
+    let tick = systemd::watchdog_interval()
+        .map(|d| d / 2)
+        .unwrap_or(STATUS_INTERVAL);
     let mut interval = tokio::time::interval(tick);
     let mut last_status = String::new();
     loop {

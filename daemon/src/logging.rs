@@ -24,7 +24,10 @@ pub fn init(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     if stderr_is_journal() {
         if let Ok(journald) = tracing_journald::layer() {
-            tracing_subscriber::registry().with(filter).with(journald).init();
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
             return;
         }
     }

@@ -46,7 +46,9 @@ fn main() -> anyhow::Result<()> {
         bus,
         qemu_binary: args.qemu,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let shutdown = vmsnapd::shutdown::on_signals()?;
         vmsnapd::run(config, shutdown).await?;

@@ -49,12 +49,17 @@ impl Service {
         actor::create_private_dir(&config.runtime_dir)?;
         let catalog = Catalog::open(&config.state_dir)?;
         let records = catalog.domains()?;
-        let mut snapshots: BTreeMap<DomainId, BTreeMap<crate::catalog::SnapshotId, crate::catalog::SnapshotRecord>> =
-            BTreeMap::new();
+        let mut snapshots: BTreeMap<
+            DomainId,
+            BTreeMap<crate::catalog::SnapshotId, crate::catalog::SnapshotRecord>,
+        > = BTreeMap::new();
         for s in catalog.all_snapshots()? {
             snapshots.entry(s.domain_id).or_default().insert(s.id, s);
         }
-        let shared = Shared { config: Arc::new(config), catalog: Arc::new(Mutex::new(catalog)) };
+        let shared = Shared {
+            config: Arc::new(config),
+            catalog: Arc::new(Mutex::new(catalog)),
+        };
         let service = Arc::new(Service {
             shared,
             domains: Mutex::new(BTreeMap::new()),
@@ -64,7 +69,11 @@ impl Service {
         for rec in records {
             let snaps = snapshots.remove(&rec.id).unwrap_or_default();
             let handle = service.spawn_actor(&rec, snaps, None).await;
-            service.domains.lock().expect("domains lock poisoned").insert(rec.id, handle);
+            service
+                .domains
+                .lock()
+                .expect("domains lock poisoned")
+                .insert(rec.id, handle);
         }
         Ok(service)
     }
@@ -109,12 +118,21 @@ impl Service {
 
     /// Every domain, in id order.
     pub fn domains(&self) -> Vec<DomainHandle> {
-        self.domains.lock().expect("domains lock poisoned").values().cloned().collect()
+        self.domains
+            .lock()
+            .expect("domains lock poisoned")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A domain by id.
     pub fn get(&self, id: DomainId) -> Option<DomainHandle> {
-        self.domains.lock().expect("domains lock poisoned").get(&id).cloned()
+        self.domains
+            .lock()
+            .expect("domains lock poisoned")
+            .get(&id)
+            .cloned()
     }
 
     /// A domain by name.
@@ -129,7 +147,9 @@ impl Service {
         for h in self.domains() {
             let info = h.info();
             if info.def.name == name {
-                return Err(ServiceError::AlreadyExists(format!("a domain named {name:?} already exists")));
+                return Err(ServiceError::AlreadyExists(format!(
+                    "a domain named {name:?} already exists"
+                )));
             }
             if info.def.uuid.to_string() == uuid {
                 return Err(ServiceError::AlreadyExists(format!(
@@ -146,15 +166,23 @@ impl Service {
         let def = DomainDef::from_xml(xml)?;
         let _guard = self.registry_lock.lock().await;
         self.check_unique(&def.name, &def.uuid.to_string())?;
-        let rec = self.shared.catalog.lock().expect("catalog lock poisoned").insert_domain(&NewDomain {
-            name: def.name.clone(),
-            uuid: def.uuid.to_string(),
-            kind: DomainKind::Managed,
-            xml: def.to_xml(),
-            qmp_socket: None,
-        })?;
+        let rec = self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .insert_domain(&NewDomain {
+                name: def.name.clone(),
+                uuid: def.uuid.to_string(),
+                kind: DomainKind::Managed,
+                xml: def.to_xml(),
+                qmp_socket: None,
+            })?;
         let handle = self.spawn_actor(&rec, BTreeMap::new(), None).await;
-        self.domains.lock().expect("domains lock poisoned").insert(rec.id, handle.clone());
+        self.domains
+            .lock()
+            .expect("domains lock poisoned")
+            .insert(rec.id, handle.clone());
         info!(domain = %def.name, id = %rec.id, "domain defined");
         Ok(handle)
     }
@@ -169,7 +197,11 @@ impl Service {
             )));
         }
         let _guard = self.registry_lock.lock().await;
-        if self.domains().iter().any(|h| h.info().qmp_socket.as_deref() == Some(socket)) {
+        if self
+            .domains()
+            .iter()
+            .any(|h| h.info().qmp_socket.as_deref() == Some(socket))
+        {
             return Err(ServiceError::AlreadyExists(format!(
                 "a domain is already attached through {}",
                 socket.display()
@@ -177,16 +209,24 @@ impl Service {
         }
         let (qmp, events) = Qmp::connect(socket, Instant::now() + ATTACH_TIMEOUT)
             .await
-            .map_err(ServiceError::qemu(format!("cannot attach through {}", socket.display())))?;
+            .map_err(ServiceError::qemu(format!(
+                "cannot attach through {}",
+                socket.display()
+            )))?;
         let def = discover_def(&qmp, name).await?;
         self.check_unique(name, &def.uuid.to_string())?;
-        let rec = self.shared.catalog.lock().expect("catalog lock poisoned").insert_domain(&NewDomain {
-            name: name.to_string(),
-            uuid: def.uuid.to_string(),
-            kind: DomainKind::Attached,
-            xml: def.to_xml(),
-            qmp_socket: Some(socket.to_path_buf()),
-        })?;
+        let rec = self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .insert_domain(&NewDomain {
+                name: name.to_string(),
+                uuid: def.uuid.to_string(),
+                kind: DomainKind::Attached,
+                xml: def.to_xml(),
+                qmp_socket: Some(socket.to_path_buf()),
+            })?;
         let handle = actor::spawn(
             self.shared.clone(),
             rec.id,
@@ -198,7 +238,10 @@ impl Service {
             Some((qmp, events)),
         )
         .await;
-        self.domains.lock().expect("domains lock poisoned").insert(rec.id, handle.clone());
+        self.domains
+            .lock()
+            .expect("domains lock poisoned")
+            .insert(rec.id, handle.clone());
         info!(domain = %name, id = %rec.id, socket = %socket.display(), "domain attached");
         Ok(handle)
     }
@@ -215,7 +258,12 @@ impl Service {
             )));
         }
         let id = handle.id();
-        let snapshots = self.shared.catalog.lock().expect("catalog lock poisoned").snapshots(id)?;
+        let snapshots = self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .snapshots(id)?;
         if !snapshots.is_empty() && !forget_snapshots {
             return Err(ServiceError::InvalidState(format!(
                 "domain {name:?} has {} snapshot(s); delete them first or pass the \
@@ -224,8 +272,15 @@ impl Service {
             )));
         }
         handle.stop().await;
-        self.shared.catalog.lock().expect("catalog lock poisoned").delete_domain(id)?;
-        self.domains.lock().expect("domains lock poisoned").remove(&id);
+        self.shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .delete_domain(id)?;
+        self.domains
+            .lock()
+            .expect("domains lock poisoned")
+            .remove(&id);
         let dir = self.shared.config.domain_runtime_dir(id.0);
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -246,8 +301,15 @@ impl Service {
     /// A one-line summary for the service manager's status.
     pub fn status_line(&self) -> String {
         let domains = self.domains();
-        let running = domains.iter().filter(|h| h.info().state.is_active()).count();
-        format!("{} domain(s), {running} running, {} job(s)", domains.len(), self.jobs.running())
+        let running = domains
+            .iter()
+            .filter(|h| h.info().state.is_active())
+            .count();
+        format!(
+            "{} domain(s), {running} running, {} job(s)",
+            domains.len(),
+            self.jobs.running()
+        )
     }
 }
 
@@ -256,7 +318,9 @@ pub fn validate_name(name: &str) -> ServiceResult<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
     if ok {
         Ok(())
     } else {
@@ -284,19 +348,34 @@ fn minimal_def(name: &str, uuid: &str) -> DomainDef {
 /// Builds a definition of a foreign QEMU from what QMP tells.
 async fn discover_def(qmp: &Qmp, name: &str) -> ServiceResult<DomainDef> {
     let mut def = minimal_def(name, "");
-    let ctx = |what: &str| ServiceError::qemu(format!("cannot discover the {what} of the QEMU to attach"));
+    let ctx = |what: &str| {
+        ServiceError::qemu(format!("cannot discover the {what} of the QEMU to attach"))
+    };
     let uuid = qmp.execute("query-uuid", None).await.map_err(ctx("uuid"))?;
-    if let Some(u) = uuid.get("UUID").and_then(Value::as_str).and_then(|u| u.parse::<uuid::Uuid>().ok()) {
+    if let Some(u) = uuid
+        .get("UUID")
+        .and_then(Value::as_str)
+        .and_then(|u| u.parse::<uuid::Uuid>().ok())
+    {
         if !u.is_nil() {
             def.uuid = u;
         }
     }
-    let mem = qmp.execute("query-memory-size-summary", None).await.map_err(ctx("memory size"))?;
+    let mem = qmp
+        .execute("query-memory-size-summary", None)
+        .await
+        .map_err(ctx("memory size"))?;
     def.memory_kib = mem.get("base-memory").and_then(Value::as_u64).unwrap_or(0) / 1024;
-    let cpus = qmp.execute("query-cpus-fast", None).await.map_err(ctx("vCPUs"))?;
+    let cpus = qmp
+        .execute("query-cpus-fast", None)
+        .await
+        .map_err(ctx("vCPUs"))?;
     def.vcpus = cpus.as_array().map(|a| a.len() as u32).unwrap_or(1).max(1);
     let machine = qmp
-        .execute("qom-get", Some(serde_json::json!({"path": "/machine", "property": "type"})))
+        .execute(
+            "qom-get",
+            Some(serde_json::json!({"path": "/machine", "property": "type"})),
+        )
         .await
         .map_err(ctx("machine type"))?;
     if let Some(m) = machine.as_str() {
@@ -320,7 +399,11 @@ async fn discover_def(qmp: &Qmp, name: &str) -> ServiceResult<DomainDef> {
             }
         };
         def.disks.push(DiskDef {
-            bus: if target.starts_with("sd") { DiskBus::Scsi } else { DiskBus::Virtio },
+            bus: if target.starts_with("sd") {
+                DiskBus::Scsi
+            } else {
+                DiskBus::Virtio
+            },
             target,
             format,
             source: PathBuf::from(ins.image.filename.clone()),
@@ -354,8 +437,14 @@ mod tests {
     #[test]
     fn qdev_target_from_paths() {
         assert_eq!(qdev_target("vda").as_deref(), Some("vda"));
-        assert_eq!(qdev_target("/machine/peripheral/vdb/virtio-backend").as_deref(), Some("vdb"));
-        assert_eq!(qdev_target("/machine/peripheral-anon/device[0]/virtio-backend"), None);
+        assert_eq!(
+            qdev_target("/machine/peripheral/vdb/virtio-backend").as_deref(),
+            Some("vdb")
+        );
+        assert_eq!(
+            qdev_target("/machine/peripheral-anon/device[0]/virtio-backend"),
+            None
+        );
         assert_eq!(qdev_target(""), None);
     }
 

@@ -4,14 +4,14 @@
 //! under systemd, under the test harness (which sets its own socket) and by hand.
 
 use sd_notify::NotifyState;
-use tracing::warn;
+use tracing::debug;
 
 fn send(states: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
     if let Err(e) = sd_notify::notify(states) {
-        warn!(error = %e, "could not notify the service manager");
+        debug!(error = %e, "could not notify the service manager");
     }
 }
 

@@ -49,13 +49,18 @@ pub trait Manager {
 }
 
 /// `org.vmsnap.VmSnap1.Domain` on `/org/vmsnap/VmSnap1/domain/<id>`.
-#[proxy(interface = "org.vmsnap.VmSnap1.Domain", default_service = "org.vmsnap.VmSnap1")]
+#[proxy(
+    interface = "org.vmsnap.VmSnap1.Domain",
+    default_service = "org.vmsnap.VmSnap1"
+)]
 pub trait Domain {
     /// Starts the guest (managed domains).
     fn start(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
     /// Asks the guest to power down; with `force`, destroys it after `timeout`.
-    fn shutdown(&self, options: HashMap<&str, Variant<'_>>)
-    -> Result<OwnedObjectPath, crate::Error>;
+    fn shutdown(
+        &self,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
     /// Stops the guest at once.
     fn destroy(&self, options: HashMap<&str, Variant<'_>>) -> Result<(), crate::Error>;
     /// Pauses the guest's vCPUs.
@@ -123,7 +128,10 @@ pub trait Domain {
 }
 
 /// `org.vmsnap.VmSnap1.Snapshot` on `/org/vmsnap/VmSnap1/domain/<id>/snapshot/<id>`.
-#[proxy(interface = "org.vmsnap.VmSnap1.Snapshot", default_service = "org.vmsnap.VmSnap1")]
+#[proxy(
+    interface = "org.vmsnap.VmSnap1.Snapshot",
+    default_service = "org.vmsnap.VmSnap1"
+)]
 pub trait Snapshot {
     /// The snapshot as libvirt `<domainsnapshot>` XML.
     fn get_xml(&self) -> Result<String, crate::Error>;
@@ -166,7 +174,10 @@ pub trait Snapshot {
 }
 
 /// `org.vmsnap.VmSnap1.Job` on `/org/vmsnap/VmSnap1/job/<n>`.
-#[proxy(interface = "org.vmsnap.VmSnap1.Job", default_service = "org.vmsnap.VmSnap1")]
+#[proxy(
+    interface = "org.vmsnap.VmSnap1.Job",
+    default_service = "org.vmsnap.VmSnap1"
+)]
 pub trait Job {
     /// Asks the operation to stop; refused when `Cancelable` is false.
     fn cancel(&self) -> Result<(), crate::Error>;

@@ -13,15 +13,15 @@ use zbus::{ObjectServer, OwnedObjectPath, OwnedVariant, interface};
 use std::path::PathBuf;
 
 use super::job::run_job;
-use super::snapshot::sync_snapshots;
-use crate::snapshot::plan::{CreateRequest, DiskMode, DiskRequest, MemoryMode};
-use zbus::ObjectPath;
-use zbus::object_server::SignalEmitter;
 use super::options::Options;
+use super::snapshot::sync_snapshots;
 use super::wire_error;
 use crate::domain::actor::{DEFAULT_SHUTDOWN_TIMEOUT, DomainHandle, DomainInfo};
 use crate::domain::def::DiskDef;
 use crate::service::Service;
+use crate::snapshot::plan::{CreateRequest, DiskMode, DiskRequest, MemoryMode};
+use zbus::ObjectPath;
+use zbus::object_server::SignalEmitter;
 
 /// The D-Bus face of a domain.
 pub struct DomainIface {
@@ -56,7 +56,12 @@ fn disk_rows(info: &DomainInfo) -> Vec<(String, String, String, Vec<String>)> {
             if d.transient {
                 flags.push("transient".into());
             }
-            (d.target.clone(), d.format.as_str().to_string(), d.source.display().to_string(), flags)
+            (
+                d.target.clone(),
+                d.format.as_str().to_string(),
+                d.source.display().to_string(),
+                flags,
+            )
         })
         .collect()
 }
@@ -79,19 +84,32 @@ impl DomainIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
-        let opts = Options::parse("Shutdown", options, &[option::TIMEOUT, option::FORCE, option::ASYNC])?;
-        let timeout = opts.uint(option::TIMEOUT)?.map(Duration::from_secs).unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
+        let opts = Options::parse(
+            "Shutdown",
+            options,
+            &[option::TIMEOUT, option::FORCE, option::ASYNC],
+        )?;
+        let timeout = opts
+            .uint(option::TIMEOUT)?
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT);
         let force = opts.bool(option::FORCE)?.unwrap_or(false);
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
-        let job = self.service.jobs.create("shutdown", self.handle.id().0, &caller(&header));
+        let job = self
+            .service
+            .jobs
+            .create("shutdown", self.handle.id().0, &caller(&header));
         let handle = self.handle.clone();
         let j = job.clone();
-        let (path, rx) =
-            run_job(server, &self.service, job, async move { handle.shutdown(timeout, force, j).await }).await?;
+        let (path, rx) = run_job(server, &self.service, job, async move {
+            handle.shutdown(timeout, force, j).await
+        })
+        .await?;
         if is_async {
             return Ok(path);
         }
-        rx.await.map_err(|_| Error::Failed("the shutdown job ended without a result".into()))??;
+        rx.await
+            .map_err(|_| Error::Failed("the shutdown job ended without a result".into()))??;
         Ok(obj(NO_OBJECT.to_string()))
     }
 
@@ -121,19 +139,34 @@ impl DomainIface {
 
     /// Adds a disk, given as a `<disk>` element, to the definition and, while the guest runs,
     /// to the guest (hot-plug). Option `config-only` (b) skips the hot-plug.
-    async fn attach_disk(&self, xml: String, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn attach_disk(
+        &self,
+        xml: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(), Error> {
         let opts = Options::parse("AttachDisk", options, &[option::CONFIG_ONLY])?;
         let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
-        let disk = DiskDef::from_xml(&xml).map_err(|e| Error::InvalidArgument(format!("invalid disk: {e}")))?;
-        self.handle.attach_disk(disk, config_only).await.map_err(wire_error)
+        let disk = DiskDef::from_xml(&xml)
+            .map_err(|e| Error::InvalidArgument(format!("invalid disk: {e}")))?;
+        self.handle
+            .attach_disk(disk, config_only)
+            .await
+            .map_err(wire_error)
     }
 
     /// Removes the disk with this target from the guest (hot-unplug, which needs the guest's
     /// cooperation for virtio disks) and from the definition. Option `config-only` (b).
-    async fn detach_disk(&self, target: String, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn detach_disk(
+        &self,
+        target: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(), Error> {
         let opts = Options::parse("DetachDisk", options, &[option::CONFIG_ONLY])?;
         let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
-        self.handle.detach_disk(target, config_only).await.map_err(wire_error)
+        self.handle
+            .detach_disk(target, config_only)
+            .await
+            .map_err(wire_error)
     }
 
     /// Takes a snapshot and returns its object path (or, with `async`, the job's path at
@@ -175,14 +208,20 @@ impl DomainIface {
         let mut req = crate::snapshot::xml::request_from_xml(&xml)
             .map_err(|e| wire_error(crate::domain::actor::plan_error(e)))?;
         req.live = opts.bool(option::LIVE)?.unwrap_or(req.live);
-        req.keep_active_name = opts.bool(option::KEEP_ACTIVE_NAME)?.unwrap_or(req.keep_active_name);
+        req.keep_active_name = opts
+            .bool(option::KEEP_ACTIVE_NAME)?
+            .unwrap_or(req.keep_active_name);
         self.run_create(req, &opts, &header, server, emitter).await
     }
 
     /// Passes a command to the guest's QEMU monitor, like libvirt's `qemu-monitor-command`:
     /// a QMP command as JSON, or with option `hmp` (b) a human monitor command line. Returns
     /// QEMU's answer. For diagnostics; changes made this way are not tracked.
-    async fn monitor_command(&self, command: String, options: HashMap<String, OwnedVariant>) -> Result<String, Error> {
+    async fn monitor_command(
+        &self,
+        command: String,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<String, Error> {
         let opts = Options::parse("MonitorCommand", options, &[option::HMP])?;
         let hmp = opts.bool(option::HMP)?.unwrap_or(false);
         self.handle.monitor(command, hmp).await.map_err(wire_error)
@@ -193,7 +232,9 @@ impl DomainIface {
         let info = self.handle.info();
         let mut recs: Vec<&crate::catalog::SnapshotRecord> = info.snapshots.values().collect();
         recs.sort_by_key(|r| (r.created_at, r.id));
-        recs.into_iter().map(|r| obj(snapshot_path(info.id.0, r.id.0))).collect()
+        recs.into_iter()
+            .map(|r| obj(snapshot_path(info.id.0, r.id.0)))
+            .collect()
     }
 
     /// The object path of the snapshot with this name.
@@ -204,13 +245,19 @@ impl DomainIface {
             .find(|s| s.name == name)
             .map(|s| obj(snapshot_path(info.id.0, s.id.0)))
             .ok_or_else(|| {
-                wire_error(crate::error::ServiceError::NoSuchSnapshot { domain: info.def.name.clone(), name })
+                wire_error(crate::error::ServiceError::NoSuchSnapshot {
+                    domain: info.def.name.clone(),
+                    name,
+                })
             })
     }
 
     /// A snapshot was taken.
     #[zbus(signal)]
-    async fn snapshot_created(emitter: &SignalEmitter<'_>, snapshot: ObjectPath<'_>) -> zbus::Result<()>;
+    async fn snapshot_created(
+        emitter: &SignalEmitter<'_>,
+        snapshot: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
 
     /// The domain's name.
     #[zbus(property)]
@@ -273,7 +320,9 @@ fn create_request(opts: &Options) -> Result<CreateRequest, Error> {
     let bad = |m: String| Error::InvalidArgument(m);
     let memory = match opts.string(option::MEMORY)? {
         Some(m) => Some(m.parse::<MemoryMode>().map_err(|_| {
-            bad(format!("option \"memory\" must be internal, external or none, not {m:?}"))
+            bad(format!(
+                "option \"memory\" must be internal, external or none, not {m:?}"
+            ))
         })?),
         None => None,
     };
@@ -296,9 +345,9 @@ fn create_request(opts: &Options) -> Result<CreateRequest, Error> {
 
 /// Parses `TARGET=internal`, `TARGET=external[:FILE]` or `TARGET=no`.
 pub fn parse_disk_spec(spec: &str) -> Result<DiskRequest, String> {
-    let (target, rest) = spec
-        .split_once('=')
-        .ok_or_else(|| format!("disk spec {spec:?} must look like TARGET=internal|external[:FILE]|no"))?;
+    let (target, rest) = spec.split_once('=').ok_or_else(|| {
+        format!("disk spec {spec:?} must look like TARGET=internal|external[:FILE]|no")
+    })?;
     let (mode, file) = match rest.split_once(':') {
         Some((m, f)) => (m, Some(PathBuf::from(f))),
         None => (rest, None),
@@ -309,7 +358,11 @@ pub fn parse_disk_spec(spec: &str) -> Result<DiskRequest, String> {
     if target.is_empty() {
         return Err(format!("disk spec {spec:?} names no target"));
     }
-    Ok(DiskRequest { target: target.to_string(), mode, file })
+    Ok(DiskRequest {
+        target: target.to_string(),
+        mode,
+        file,
+    })
 }
 
 impl DomainIface {
@@ -322,7 +375,10 @@ impl DomainIface {
         emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
-        let job = self.service.jobs.create("create-snapshot", self.handle.id().0, &caller(header));
+        let job = self
+            .service
+            .jobs
+            .create("create-snapshot", self.handle.id().0, &caller(header));
         let handle = self.handle.clone();
         let j = job.clone();
         let server2 = server.clone();
@@ -340,7 +396,8 @@ impl DomainIface {
         if is_async {
             return Ok(path);
         }
-        rx.await.map_err(|_| Error::Failed("the snapshot job ended without a result".into()))?
+        rx.await
+            .map_err(|_| Error::Failed("the snapshot job ended without a result".into()))?
     }
 }
 
@@ -352,7 +409,15 @@ pub async fn register_domain(
 ) -> zbus::Result<OwnedObjectPath> {
     let path = obj(domain_path(handle.id().0));
     let mut watch = handle.watch();
-    server.at(path.as_ref(), DomainIface { service: service.clone(), handle: handle.clone() }).await?;
+    server
+        .at(
+            path.as_ref(),
+            DomainIface {
+                service: service.clone(),
+                handle: handle.clone(),
+            },
+        )
+        .await?;
     let initial = watch.borrow_and_update().clone();
     sync_snapshots(server, &handle, None, &initial).await;
     let server = server.clone();
@@ -361,7 +426,9 @@ pub async fn register_domain(
         let mut last = initial;
         while watch.changed().await.is_ok() {
             let now = watch.borrow_and_update().clone();
-            let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else { break };
+            let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else {
+                break;
+            };
             let e = iface.signal_emitter();
             let i = iface.get().await;
             // A failed emission only means nobody was told; the properties stay right.

@@ -135,8 +135,15 @@ impl JobIface {
     ) -> zbus::Result<()>;
 }
 
-async fn announce_changes(server: &ObjectServer, path: &OwnedObjectPath, old: &JobStatus, new: &JobStatus) {
-    let Ok(iface) = server.interface::<_, JobIface>(path.as_ref()).await else { return };
+async fn announce_changes(
+    server: &ObjectServer,
+    path: &OwnedObjectPath,
+    old: &JobStatus,
+    new: &JobStatus,
+) {
+    let Ok(iface) = server.interface::<_, JobIface>(path.as_ref()).await else {
+        return;
+    };
     let e = iface.signal_emitter();
     let i = iface.get().await;
     // Errors here only mean nobody could be told; the property values stay right.
@@ -196,13 +203,21 @@ pub async fn run_job<T, F>(
     service: &Arc<Service>,
     job: Arc<Job>,
     op: F,
-) -> Result<(OwnedObjectPath, tokio::sync::oneshot::Receiver<Result<T, Error>>), Error>
+) -> Result<
+    (
+        OwnedObjectPath,
+        tokio::sync::oneshot::Receiver<Result<T, Error>>,
+    ),
+    Error,
+>
 where
     T: JobResult,
     F: std::future::Future<Output = ServiceResult<T>> + Send + 'static,
 {
     let path = obj(job_path(job.id().0));
-    server.at(path.as_ref(), JobIface { job: job.clone() }).await?;
+    server
+        .at(path.as_ref(), JobIface { job: job.clone() })
+        .await?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let server = server.clone();
     let service = service.clone();
@@ -235,7 +250,11 @@ where
             announce_changes(&server, &p, &last, &final_status).await;
             let (ok, name, msg) = match &result {
                 Ok(_) => (true, String::new(), String::new()),
-                Err(e) => (false, format!("{}.{}", vmsnap_dbus::names::ERROR_PREFIX, e.short_name()), e.message()),
+                Err(e) => (
+                    false,
+                    format!("{}.{}", vmsnap_dbus::names::ERROR_PREFIX, e.short_name()),
+                    e.message(),
+                ),
             };
             let _ = JobIface::completed(iface.signal_emitter(), ok, &name, &msg).await;
         }

@@ -58,7 +58,11 @@ impl ManagerIface {
     ) -> Result<(), Error> {
         let opts = Options::parse("UndefineDomain", options, &[option::SNAPSHOTS_METADATA])?;
         let forget = opts.bool(option::SNAPSHOTS_METADATA)?.unwrap_or(false);
-        let id = self.service.undefine(&name, forget).await.map_err(wire_error)?;
+        let id = self
+            .service
+            .undefine(&name, forget)
+            .await
+            .map_err(wire_error)?;
         let p = path(domain_path(id.0));
         server.remove::<DomainIface, _>(p.as_ref()).await?;
         Self::domain_removed(&emitter, p.as_ref(), &name).await?;
@@ -75,7 +79,11 @@ impl ManagerIface {
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         Options::parse("AttachDomain", options, &[])?;
-        let handle = self.service.attach(&name, Path::new(&qmp_socket)).await.map_err(wire_error)?;
+        let handle = self
+            .service
+            .attach(&name, Path::new(&qmp_socket))
+            .await
+            .map_err(wire_error)?;
         let p = register_domain(server, &self.service, handle).await?;
         Self::domain_added(&emitter, p.as_ref(), &name).await?;
         Ok(p)
@@ -83,7 +91,11 @@ impl ManagerIface {
 
     /// Every domain's object path, in id order.
     async fn list_domains(&self) -> Vec<OwnedObjectPath> {
-        self.service.domains().iter().map(|h| path(domain_path(h.id().0))).collect()
+        self.service
+            .domains()
+            .iter()
+            .map(|h| path(domain_path(h.id().0)))
+            .collect()
     }
 
     /// The object path of the domain with this name.
@@ -100,9 +112,17 @@ impl ManagerIface {
 
     /// A domain was defined or attached.
     #[zbus(signal)]
-    async fn domain_added(emitter: &SignalEmitter<'_>, domain: ObjectPath<'_>, name: &str) -> zbus::Result<()>;
+    async fn domain_added(
+        emitter: &SignalEmitter<'_>,
+        domain: ObjectPath<'_>,
+        name: &str,
+    ) -> zbus::Result<()>;
 
     /// A domain was undefined.
     #[zbus(signal)]
-    async fn domain_removed(emitter: &SignalEmitter<'_>, domain: ObjectPath<'_>, name: &str) -> zbus::Result<()>;
+    async fn domain_removed(
+        emitter: &SignalEmitter<'_>,
+        domain: ObjectPath<'_>,
+        name: &str,
+    ) -> zbus::Result<()>;
 }

@@ -34,14 +34,18 @@ pub fn wire_error(e: ServiceError) -> Error {
         ServiceError::NoSuchSnapshot { .. } => Error::NoSuchSnapshot(msg),
         ServiceError::NoSuchJob(_) => Error::NoSuchJob(msg),
         ServiceError::AlreadyExists(_) => Error::AlreadyExists(msg),
-        ServiceError::InvalidArgument(_) | ServiceError::Definition(_) => Error::InvalidArgument(msg),
+        ServiceError::InvalidArgument(_) | ServiceError::Definition(_) => {
+            Error::InvalidArgument(msg)
+        }
         ServiceError::Unsupported(_) => Error::Unsupported(msg),
         ServiceError::InvalidState(_) => Error::InvalidState(msg),
         ServiceError::Busy(_) => Error::Busy(msg),
         ServiceError::Cancelled(_) => Error::Cancelled(msg),
         ServiceError::Timeout(_) => Error::Timeout(msg),
         ServiceError::Qemu { .. } => Error::QemuError(msg),
-        ServiceError::Catalog(crate::catalog::CatalogError::AlreadyExists(_)) => Error::AlreadyExists(msg),
+        ServiceError::Catalog(crate::catalog::CatalogError::AlreadyExists(_)) => {
+            Error::AlreadyExists(msg)
+        }
         ServiceError::Catalog(_) | ServiceError::Io { .. } | ServiceError::Gone(_) => {
             tracing::error!(error = ?e, "internal failure");
             Error::Failed(msg)

@@ -47,7 +47,9 @@ impl Options {
 
     /// A boolean option.
     pub fn bool(&self, key: &str) -> Result<Option<bool>, Error> {
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         match inner(v) {
             Variant::Bool(b) => Ok(Some(*b)),
             _ => Err(self.wrong(key, "a boolean (b)")),
@@ -56,7 +58,9 @@ impl Options {
 
     /// A non-negative integer option; any integer width is accepted.
     pub fn uint(&self, key: &str) -> Result<Option<u64>, Error> {
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         let n: Option<u64> = match inner(v) {
             Variant::U8(n) => Some(u64::from(*n)),
             Variant::U16(n) => Some(u64::from(*n)),
@@ -67,12 +71,15 @@ impl Options {
             Variant::I64(n) => u64::try_from(*n).ok(),
             _ => None,
         };
-        n.map(Some).ok_or_else(|| self.wrong(key, "a non-negative integer"))
+        n.map(Some)
+            .ok_or_else(|| self.wrong(key, "a non-negative integer"))
     }
 
     /// A string option.
     pub fn string(&self, key: &str) -> Result<Option<String>, Error> {
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         match inner(v) {
             Variant::Str(s) => Ok(Some(s.as_str().to_string())),
             _ => Err(self.wrong(key, "a string (s)")),
@@ -83,7 +90,9 @@ impl Options {
 impl Options {
     /// An array-of-strings option.
     pub fn strings(&self, key: &str) -> Result<Option<Vec<String>>, Error> {
-        let Some(v) = self.map.get(key) else { return Ok(None) };
+        let Some(v) = self.map.get(key) else {
+            return Ok(None);
+        };
         let Variant::Array(a) = inner(v) else {
             return Err(self.wrong(key, "an array of strings (as)"));
         };
@@ -111,15 +120,22 @@ mod tests {
 
     #[test]
     fn options_unknown_key_is_refused_with_its_name() {
-        let e = Options::parse("Start", map(vec![("bogus", Variant::Bool(true))]), &["paused"])
-            .err()
-            .unwrap();
-        assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("\"bogus\"") && m.contains("paused")));
+        let e = Options::parse(
+            "Start",
+            map(vec![("bogus", Variant::Bool(true))]),
+            &["paused"],
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains("\"bogus\"") && m.contains("paused"))
+        );
     }
 
     #[test]
     fn options_wrong_type_is_refused() {
-        let o = Options::parse("Start", map(vec![("paused", Variant::U32(1))]), &["paused"]).unwrap();
+        let o =
+            Options::parse("Start", map(vec![("paused", Variant::U32(1))]), &["paused"]).unwrap();
         assert!(matches!(o.bool("paused"), Err(Error::InvalidArgument(_))));
     }
 
@@ -127,7 +143,10 @@ mod tests {
     fn options_integers_of_any_width_are_accepted() {
         let o = Options::parse(
             "Shutdown",
-            map(vec![("timeout", Variant::I32(5)), ("neg", Variant::I64(-1))]),
+            map(vec![
+                ("timeout", Variant::I32(5)),
+                ("neg", Variant::I64(-1)),
+            ]),
             &["timeout", "neg"],
         )
         .unwrap();

@@ -33,7 +33,11 @@ impl SnapshotIface {
 
 /// The children of `id` in `info`, in id order.
 fn children(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
-    info.snapshots.values().filter(|s| s.parent == Some(id)).map(|s| s.id).collect()
+    info.snapshots
+        .values()
+        .filter(|s| s.parent == Some(id))
+        .map(|s| s.id)
+        .collect()
 }
 
 #[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
@@ -45,8 +49,15 @@ impl SnapshotIface {
             .snapshots
             .get(&self.id)
             .ok_or_else(|| Error::NoSuchSnapshot(format!("snapshot {} is gone", self.id)))?;
-        let parent = rec.parent.and_then(|p| info.snapshots.get(&p)).map(|p| p.name.as_str());
-        Ok(record::to_xml(rec, parent, info.current_snapshot == Some(self.id)))
+        let parent = rec
+            .parent
+            .and_then(|p| info.snapshots.get(&p))
+            .map(|p| p.name.as_str());
+        Ok(record::to_xml(
+            rec,
+            parent,
+            info.current_snapshot == Some(self.id),
+        ))
     }
 
     /// The snapshot's name, unique within its domain.
@@ -102,7 +113,10 @@ impl SnapshotIface {
                 .into_iter()
                 .map(|d| {
                     let data = d.data_file().display().to_string();
-                    let overlay = d.overlay.map(|o| o.display().to_string()).unwrap_or_default();
+                    let overlay = d
+                        .overlay
+                        .map(|o| o.display().to_string())
+                        .unwrap_or_default();
                     (d.target, d.mode, data, overlay)
                 })
                 .collect()
@@ -135,7 +149,10 @@ impl SnapshotIface {
     #[zbus(property)]
     async fn children(&self) -> Vec<OwnedObjectPath> {
         let info = self.handle.info();
-        children(&info, self.id).into_iter().map(|c| obj(snapshot_path(info.id.0, c.0))).collect()
+        children(&info, self.id)
+            .into_iter()
+            .map(|c| obj(snapshot_path(info.id.0, c.0)))
+            .collect()
     }
 
     /// Whether this is the domain's current snapshot (the parent of the next one).
@@ -154,17 +171,31 @@ pub async fn sync_snapshots(
     now: &DomainInfo,
 ) {
     let d = now.id.0;
-    let before: BTreeSet<SnapshotId> =
-        last.map(|l| l.snapshots.keys().copied().collect()).unwrap_or_default();
+    let before: BTreeSet<SnapshotId> = last
+        .map(|l| l.snapshots.keys().copied().collect())
+        .unwrap_or_default();
     let after: BTreeSet<SnapshotId> = now.snapshots.keys().copied().collect();
     for gone in before.difference(&after) {
-        let _ = server.remove::<SnapshotIface, _>(snapshot_path(d, gone.0).as_str()).await;
+        let _ = server
+            .remove::<SnapshotIface, _>(snapshot_path(d, gone.0).as_str())
+            .await;
     }
     for new in &after {
         let path = snapshot_path(d, new.0);
-        if server.interface::<_, SnapshotIface>(path.as_str()).await.is_err() {
-            if let Err(e) =
-                server.at(path.as_str(), SnapshotIface { handle: handle.clone(), id: *new }).await
+        if server
+            .interface::<_, SnapshotIface>(path.as_str())
+            .await
+            .is_err()
+        {
+            if let Err(e) = server
+                .at(
+                    path.as_str(),
+                    SnapshotIface {
+                        handle: handle.clone(),
+                        id: *new,
+                    },
+                )
+                .await
             {
                 tracing::warn!(path, error = %e, "could not serve a snapshot object");
             }
@@ -179,7 +210,9 @@ pub async fn sync_snapshots(
         if old == new && was_current == is_current && !children_changed {
             continue;
         }
-        let Ok(iface) = server.interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str()).await
+        let Ok(iface) = server
+            .interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str())
+            .await
         else {
             continue;
         };

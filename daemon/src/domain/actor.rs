@@ -29,12 +29,12 @@ use super::def::{DiskDef, DomainDef};
 use super::qemu_cmd::{self, LaunchOptions, LaunchPaths};
 use super::state::{GuestEvent, GuestState};
 use crate::catalog::{Catalog, DomainId, DomainKind, SnapshotId, SnapshotRecord};
-use crate::snapshot::create::{self, Target};
-use crate::snapshot::plan::{self, CreateRequest, GuestRunState, PlanError, RealFs};
 use crate::config::Config;
 use crate::error::{ServiceError, ServiceResult};
 use crate::job::Job;
 use crate::qmp::{Event, Qmp};
+use crate::snapshot::create::{self, Target};
+use crate::snapshot::plan::{self, CreateRequest, GuestRunState, PlanError, RealFs};
 
 /// How long QEMU may take from spawn to an answering QMP socket.
 pub const QEMU_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -72,16 +72,49 @@ type Reply<T> = oneshot::Sender<ServiceResult<T>>;
 
 /// A request to a domain's actor.
 enum Request {
-    Start { paused: bool, reply: Reply<()> },
-    Shutdown { timeout: Duration, force: bool, job: Arc<Job>, reply: Reply<()> },
-    Destroy { reply: Reply<()> },
-    Pause { reply: Reply<()> },
-    Resume { reply: Reply<()> },
-    AttachDisk { disk: DiskDef, config_only: bool, reply: Reply<()> },
-    DetachDisk { target: String, config_only: bool, reply: Reply<()> },
-    Monitor { command: String, hmp: bool, reply: Reply<String> },
-    CreateSnapshot { req: Box<CreateRequest>, origin: String, job: Arc<Job>, reply: Reply<SnapshotId> },
-    Stop { reply: oneshot::Sender<()> },
+    Start {
+        paused: bool,
+        reply: Reply<()>,
+    },
+    Shutdown {
+        timeout: Duration,
+        force: bool,
+        job: Arc<Job>,
+        reply: Reply<()>,
+    },
+    Destroy {
+        reply: Reply<()>,
+    },
+    Pause {
+        reply: Reply<()>,
+    },
+    Resume {
+        reply: Reply<()>,
+    },
+    AttachDisk {
+        disk: DiskDef,
+        config_only: bool,
+        reply: Reply<()>,
+    },
+    DetachDisk {
+        target: String,
+        config_only: bool,
+        reply: Reply<()>,
+    },
+    Monitor {
+        command: String,
+        hmp: bool,
+        reply: Reply<String>,
+    },
+    CreateSnapshot {
+        req: Box<CreateRequest>,
+        origin: String,
+        job: Arc<Job>,
+        reply: Reply<SnapshotId>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A cheap, cloneable reference to a domain's actor.
@@ -94,7 +127,9 @@ pub struct DomainHandle {
 
 impl std::fmt::Debug for DomainHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DomainHandle").field("id", &self.id).finish()
+        f.debug_struct("DomainHandle")
+            .field("id", &self.id)
+            .finish()
     }
 }
 
@@ -121,7 +156,10 @@ impl DomainHandle {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> ServiceResult<T> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| ServiceError::Gone(self.name()))?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ServiceError::Gone(self.name()))?;
         rx.await.map_err(|_| ServiceError::Gone(self.name()))?
     }
 
@@ -132,8 +170,19 @@ impl DomainHandle {
 
     /// Asks the guest to power off and waits for it, destroying it at the deadline when
     /// `force` is set. Progress and cancellation go through `job`.
-    pub async fn shutdown(&self, timeout: Duration, force: bool, job: Arc<Job>) -> ServiceResult<()> {
-        self.call(|reply| Request::Shutdown { timeout, force, job, reply }).await
+    pub async fn shutdown(
+        &self,
+        timeout: Duration,
+        force: bool,
+        job: Arc<Job>,
+    ) -> ServiceResult<()> {
+        self.call(|reply| Request::Shutdown {
+            timeout,
+            force,
+            job,
+            reply,
+        })
+        .await
     }
 
     /// Stops the guest at once.
@@ -153,12 +202,22 @@ impl DomainHandle {
 
     /// Adds a disk to the definition and, when the guest runs, hot-plugs it.
     pub async fn attach_disk(&self, disk: DiskDef, config_only: bool) -> ServiceResult<()> {
-        self.call(|reply| Request::AttachDisk { disk, config_only, reply }).await
+        self.call(|reply| Request::AttachDisk {
+            disk,
+            config_only,
+            reply,
+        })
+        .await
     }
 
     /// Removes a disk from the guest (waiting for the guest to release it) and the definition.
     pub async fn detach_disk(&self, target: String, config_only: bool) -> ServiceResult<()> {
-        self.call(|reply| Request::DetachDisk { target, config_only, reply }).await
+        self.call(|reply| Request::DetachDisk {
+            target,
+            config_only,
+            reply,
+        })
+        .await
     }
 
     /// Passes a command to QEMU's monitor and returns its answer: with `hmp`, a human
@@ -166,7 +225,12 @@ impl DomainHandle {
     /// ...}`), answered with the JSON of its return value. For diagnostics and tests, like
     /// libvirt's `qemu-monitor-command`.
     pub async fn monitor(&self, command: String, hmp: bool) -> ServiceResult<String> {
-        self.call(|reply| Request::Monitor { command, hmp, reply }).await
+        self.call(|reply| Request::Monitor {
+            command,
+            hmp,
+            reply,
+        })
+        .await
     }
 
     /// Takes a snapshot as `req` asks; progress and cancellation go through `job`.
@@ -177,7 +241,13 @@ impl DomainHandle {
         job: Arc<Job>,
     ) -> ServiceResult<SnapshotId> {
         let req = Box::new(req);
-        self.call(|reply| Request::CreateSnapshot { req, origin, job, reply }).await
+        self.call(|reply| Request::CreateSnapshot {
+            req,
+            origin,
+            job,
+            reply,
+        })
+        .await
     }
 
     /// Stops serving the domain, leaving its guest as it is. Returns once the actor ended.
@@ -272,7 +342,11 @@ pub async fn spawn(
         None => actor.reattach().await,
     }
     tokio::spawn(actor.run());
-    DomainHandle { id, tx, info: info_rx }
+    DomainHandle {
+        id,
+        tx,
+        info: info_rx,
+    }
 }
 
 async fn next_event(rx: &mut Option<broadcast::Receiver<Event>>) -> Option<Event> {
@@ -297,7 +371,9 @@ async fn child_exit(
     rx: &mut Option<oneshot::Receiver<std::io::Result<std::process::ExitStatus>>>,
 ) -> std::io::Result<std::process::ExitStatus> {
     match rx {
-        Some(r) => r.await.unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended"))),
+        Some(r) => r
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended"))),
         None => pending().await,
     }
 }
@@ -323,7 +399,10 @@ fn process_alive(pid: i32) -> bool {
     }
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state letter follows the parenthesised command name.
-        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with('Z')).unwrap_or(true),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
         Err(_) => false,
     }
 }
@@ -331,9 +410,12 @@ fn process_alive(pid: i32) -> bool {
 /// Whether process `pid` was started with `needle` on its command line (guards against a
 /// recycled pid in a stale pid file).
 fn cmdline_mentions(pid: i32, needle: &Path) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let needle = needle.to_string_lossy();
-    raw.split(|b| *b == 0).any(|arg| String::from_utf8_lossy(arg).contains(needle.as_ref()))
+    raw.split(|b| *b == 0)
+        .any(|arg| String::from_utf8_lossy(arg).contains(needle.as_ref()))
 }
 
 impl Actor {
@@ -379,7 +461,11 @@ impl Actor {
     }
 
     fn transient_dir(&self) -> PathBuf {
-        self.shared.config.state_dir.join("transient").join(self.id().0.to_string())
+        self.shared
+            .config
+            .state_dir
+            .join("transient")
+            .join(self.id().0.to_string())
     }
 
     fn qmp(&self) -> ServiceResult<&Qmp> {
@@ -394,7 +480,9 @@ impl Actor {
             Ok(status) => {
                 self.qmp = Some(qmp);
                 self.events = Some(events);
-                self.apply(GuestEvent::Started { paused: !status.running });
+                self.apply(GuestEvent::Started {
+                    paused: !status.running,
+                });
             }
             Err(e) => warn!(domain = %self.name(), error = %e, "QEMU did not answer query-status"),
         }
@@ -406,13 +494,17 @@ impl Actor {
         let deadline = Instant::now() + REATTACH_TIMEOUT;
         match self.kind() {
             DomainKind::Attached => {
-                let Some(socket) = self.info.borrow().qmp_socket.clone() else { return };
+                let Some(socket) = self.info.borrow().qmp_socket.clone() else {
+                    return;
+                };
                 match Qmp::connect(&socket, deadline).await {
                     Ok((qmp, events)) => {
                         info!(domain = %self.name(), "re-attached to foreign QEMU");
                         self.adopt(qmp, events).await;
                     }
-                    Err(e) => debug!(domain = %self.name(), error = %e, "attached QEMU not reachable"),
+                    Err(e) => {
+                        debug!(domain = %self.name(), error = %e, "attached QEMU not reachable")
+                    }
                 }
             }
             DomainKind::Managed => {
@@ -420,7 +512,8 @@ impl Actor {
                 let pid = std::fs::read_to_string(&paths.pidfile)
                     .ok()
                     .and_then(|s| s.trim().parse::<i32>().ok());
-                let live = pid.filter(|p| process_alive(*p) && cmdline_mentions(*p, &paths.qmp_socket));
+                let live =
+                    pid.filter(|p| process_alive(*p) && cmdline_mentions(*p, &paths.qmp_socket));
                 let Some(pid) = live else {
                     self.cleanup_runtime_files();
                     self.discard_transient_overlays();
@@ -483,7 +576,12 @@ impl Actor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let shutdown = self.pending_shutdown.as_ref().map(|p| p.deadline);
-        let detach = self.pending_detach.iter().filter(|d| d.reply.is_some()).map(|d| d.deadline).min();
+        let detach = self
+            .pending_detach
+            .iter()
+            .filter(|d| d.reply.is_some())
+            .map(|d| d.deadline)
+            .min();
         match (shutdown, detach) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -496,7 +594,12 @@ impl Actor {
                 let r = self.start(paused).await;
                 let _ = reply.send(r);
             }
-            Request::Shutdown { timeout, force, job, reply } => self.shutdown(timeout, force, job, reply).await,
+            Request::Shutdown {
+                timeout,
+                force,
+                job,
+                reply,
+            } => self.shutdown(timeout, force, job, reply).await,
             Request::Destroy { reply } => {
                 let r = self.destroy().await;
                 let _ = reply.send(r);
@@ -509,18 +612,35 @@ impl Actor {
                 let r = self.resume().await;
                 let _ = reply.send(r);
             }
-            Request::AttachDisk { disk, config_only, reply } => {
+            Request::AttachDisk {
+                disk,
+                config_only,
+                reply,
+            } => {
                 let r = self.attach_disk(disk, config_only).await;
                 let _ = reply.send(r);
             }
-            Request::DetachDisk { target, config_only, reply } => {
+            Request::DetachDisk {
+                target,
+                config_only,
+                reply,
+            } => {
                 self.detach_disk(target, config_only, reply).await;
             }
-            Request::Monitor { command, hmp, reply } => {
+            Request::Monitor {
+                command,
+                hmp,
+                reply,
+            } => {
                 let r = self.monitor(&command, hmp).await;
                 let _ = reply.send(r);
             }
-            Request::CreateSnapshot { req, origin, job, reply } => {
+            Request::CreateSnapshot {
+                req,
+                origin,
+                job,
+                reply,
+            } => {
                 let r = self.create_snapshot(*req, origin, &job).await;
                 let _ = reply.send(r);
             }
@@ -588,7 +708,11 @@ impl Actor {
             let _ = p.reply.send(Ok(()));
         }
         // The devices went away with the process: finish pending unplugs in the definition.
-        let targets: Vec<String> = self.pending_detach.iter().map(|d| d.target.clone()).collect();
+        let targets: Vec<String> = self
+            .pending_detach
+            .iter()
+            .map(|d| d.target.clone())
+            .collect();
         for t in targets {
             self.finish_detach(&t).await;
         }
@@ -596,7 +720,11 @@ impl Actor {
 
     async fn on_deadline(&mut self) {
         let now = Instant::now();
-        if self.pending_shutdown.as_ref().is_some_and(|p| p.deadline <= now) {
+        if self
+            .pending_shutdown
+            .as_ref()
+            .is_some_and(|p| p.deadline <= now)
+        {
             let p = self.pending_shutdown.take().expect("checked above");
             if p.force {
                 p.job.set_phase("destroying");
@@ -660,7 +788,9 @@ impl Actor {
             )));
         }
         if self.state().is_active() {
-            return Err(ServiceError::InvalidState(format!("domain {name:?} is already running")));
+            return Err(ServiceError::InvalidState(format!(
+                "domain {name:?} is already running"
+            )));
         }
         let def = self.info.borrow().def.clone();
         for disk in &def.disks {
@@ -674,7 +804,11 @@ impl Actor {
         create_private_dir(&dir)?;
         self.cleanup_runtime_files();
         self.discard_transient_overlays();
-        let mut opts = LaunchOptions { paused: true, incoming_defer: false, transient_overlays: Default::default() };
+        let mut opts = LaunchOptions {
+            paused: true,
+            incoming_defer: false,
+            transient_overlays: Default::default(),
+        };
         for disk in def.disks.iter().filter(|d| d.transient) {
             let tdir = self.transient_dir();
             create_private_dir(&tdir)?;
@@ -692,7 +826,9 @@ impl Actor {
             .append(true)
             .open(&paths.log_file)
             .map_err(ServiceError::io("cannot open the QEMU log file"))?;
-        let log2 = log.try_clone().map_err(ServiceError::io("cannot open the QEMU log file"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(ServiceError::io("cannot open the QEMU log file"))?;
         let mut child = tokio::process::Command::new(&self.shared.config.qemu_binary)
             .args(&args)
             .stdin(Stdio::null())
@@ -730,7 +866,10 @@ impl Actor {
             Ok(c) => c,
             Err(e) => {
                 if let Some(pid) = pid {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 let _ = exit_rx.await;
                 self.cleanup_runtime_files();
@@ -744,7 +883,9 @@ impl Actor {
         self.pid = pid;
         self.expecting_exit = false;
         if !paused {
-            qmp.cont().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot start the vCPUs")))?;
+            qmp.cont().await.map_err(ServiceError::qemu(format!(
+                "domain {name:?}: cannot start the vCPUs"
+            )))?;
         }
         self.apply(GuestEvent::Started { paused });
         Ok(())
@@ -753,7 +894,9 @@ impl Actor {
     async fn destroy(&mut self) -> ServiceResult<()> {
         let name = self.name();
         if !self.state().is_active() {
-            return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+            return Err(ServiceError::InvalidState(format!(
+                "domain {name:?} is not running"
+            )));
         }
         self.expecting_exit = true;
         if let Some(q) = &self.qmp {
@@ -767,18 +910,28 @@ impl Actor {
                 Err(_) => {
                     warn!(domain = %name, "QEMU did not quit in time; killing it");
                     if let Some(pid) = self.pid {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
-                    rx.await.unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended")))
+                    rx.await
+                        .unwrap_or_else(|_| Err(std::io::Error::other("reaper task ended")))
                 }
             };
             self.on_exit(Some(status)).await;
         } else {
             // Not our child: wait for the QMP socket to close, then for the process to go.
             if let Some(q) = self.qmp.clone() {
-                if tokio::time::timeout(DESTROY_TIMEOUT, q.closed()).await.is_err() {
+                if tokio::time::timeout(DESTROY_TIMEOUT, q.closed())
+                    .await
+                    .is_err()
+                {
                     if let Some(pid) = self.pid {
-                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
                     }
                 }
             }
@@ -791,12 +944,21 @@ impl Actor {
         let name = self.name();
         match self.state() {
             GuestState::Running => {}
-            GuestState::Paused => return Err(ServiceError::InvalidState(format!("domain {name:?} is already paused"))),
+            GuestState::Paused => {
+                return Err(ServiceError::InvalidState(format!(
+                    "domain {name:?} is already paused"
+                )));
+            }
             GuestState::Shutoff | GuestState::Crashed => {
-                return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+                return Err(ServiceError::InvalidState(format!(
+                    "domain {name:?} is not running"
+                )));
             }
         }
-        self.qmp()?.stop().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot pause")))?;
+        self.qmp()?
+            .stop()
+            .await
+            .map_err(ServiceError::qemu(format!("domain {name:?}: cannot pause")))?;
         self.apply(GuestEvent::Stopped);
         Ok(())
     }
@@ -805,12 +967,23 @@ impl Actor {
         let name = self.name();
         match self.state() {
             GuestState::Paused => {}
-            GuestState::Running => return Err(ServiceError::InvalidState(format!("domain {name:?} is not paused"))),
+            GuestState::Running => {
+                return Err(ServiceError::InvalidState(format!(
+                    "domain {name:?} is not paused"
+                )));
+            }
             GuestState::Shutoff | GuestState::Crashed => {
-                return Err(ServiceError::InvalidState(format!("domain {name:?} is not running")));
+                return Err(ServiceError::InvalidState(format!(
+                    "domain {name:?} is not running"
+                )));
             }
         }
-        self.qmp()?.cont().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot resume")))?;
+        self.qmp()?
+            .cont()
+            .await
+            .map_err(ServiceError::qemu(format!(
+                "domain {name:?}: cannot resume"
+            )))?;
         self.apply(GuestEvent::Resumed);
         Ok(())
     }
@@ -818,9 +991,13 @@ impl Actor {
     async fn shutdown(&mut self, timeout: Duration, force: bool, job: Arc<Job>, reply: Reply<()>) {
         let name = self.name();
         let refuse = if !self.state().is_active() {
-            Some(ServiceError::InvalidState(format!("domain {name:?} is not running")))
+            Some(ServiceError::InvalidState(format!(
+                "domain {name:?} is not running"
+            )))
         } else if self.pending_shutdown.is_some() {
-            Some(ServiceError::Busy(format!("domain {name:?} is already shutting down")))
+            Some(ServiceError::Busy(format!(
+                "domain {name:?} is already shutting down"
+            )))
         } else {
             None
         };
@@ -830,7 +1007,12 @@ impl Actor {
             return;
         }
         let sent = match self.qmp() {
-            Ok(q) => q.system_powerdown().await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot send the power-off request"))),
+            Ok(q) => q
+                .system_powerdown()
+                .await
+                .map_err(ServiceError::qemu(format!(
+                    "domain {name:?}: cannot send the power-off request"
+                ))),
             Err(e) => Err(e),
         };
         if let Err(e) = sent {
@@ -840,20 +1022,34 @@ impl Actor {
         }
         job.set_phase("waiting for the guest to power off");
         job.set_cancelable(true);
-        self.pending_shutdown = Some(PendingShutdown { deadline: Instant::now() + timeout, force, job, reply });
+        self.pending_shutdown = Some(PendingShutdown {
+            deadline: Instant::now() + timeout,
+            force,
+            job,
+            reply,
+        });
     }
 
     async fn monitor(&self, command: &str, hmp: bool) -> ServiceResult<String> {
         let qmp = self.qmp()?;
         if hmp {
-            return qmp.human_monitor_command(command).await.map_err(ServiceError::qemu("human monitor command"));
+            return qmp
+                .human_monitor_command(command)
+                .await
+                .map_err(ServiceError::qemu("human monitor command"));
         }
-        let v: Value = serde_json::from_str(command)
-            .map_err(|e| ServiceError::InvalidArgument(format!("the QMP command is not JSON: {e}")))?;
+        let v: Value = serde_json::from_str(command).map_err(|e| {
+            ServiceError::InvalidArgument(format!("the QMP command is not JSON: {e}"))
+        })?;
         let Some(name) = v.get("execute").and_then(Value::as_str) else {
-            return Err(ServiceError::InvalidArgument("the QMP command has no \"execute\" member".into()));
+            return Err(ServiceError::InvalidArgument(
+                "the QMP command has no \"execute\" member".into(),
+            ));
         };
-        let r = qmp.execute(name, v.get("arguments").cloned()).await.map_err(ServiceError::qemu(format!("QMP {name}")))?;
+        let r = qmp
+            .execute(name, v.get("arguments").cloned())
+            .await
+            .map_err(ServiceError::qemu(format!("QMP {name}")))?;
         Ok(r.to_string())
     }
 
@@ -879,10 +1075,21 @@ impl Actor {
         let names: std::collections::HashSet<&str> =
             info.snapshots.values().map(|s| s.name.as_str()).collect();
         let now = jiff::Timestamp::now().as_second();
-        let plan = plan::plan(&info.def, run_state, &req, &|n| names.contains(n), now, &RealFs)
-            .map_err(plan_error)?;
+        let plan = plan::plan(
+            &info.def,
+            run_state,
+            &req,
+            &|n| names.contains(n),
+            now,
+            &RealFs,
+        )
+        .map_err(plan_error)?;
         let target = Target {
-            qmp: if info.state.is_active() { self.qmp.as_ref() } else { None },
+            qmp: if info.state.is_active() {
+                self.qmp.as_ref()
+            } else {
+                None
+            },
             running: info.state == GuestState::Running,
         };
         let rec = create::create(
@@ -907,7 +1114,11 @@ impl Actor {
 
     fn persist_def(&self, def: &DomainDef) -> ServiceResult<()> {
         let xml = def.to_xml();
-        self.shared.catalog.lock().expect("catalog lock poisoned").update_domain_xml(self.id(), &xml)?;
+        self.shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .update_domain_xml(self.id(), &xml)?;
         Ok(())
     }
 
@@ -966,24 +1177,35 @@ impl Actor {
         } else {
             None
         };
-        let plug_err = |e: qemu_cmd::CmdError| ServiceError::InvalidArgument(format!("domain {name:?}: {e}"));
+        let plug_err =
+            |e: qemu_cmd::CmdError| ServiceError::InvalidArgument(format!("domain {name:?}: {e}"));
         let node_args = qemu_cmd::blockdev_add_args(disk, None).map_err(plug_err)?;
         let dev = qemu_cmd::device_add_args(def, disk, port.as_deref()).map_err(plug_err)?;
         let mut added: Vec<String> = Vec::new();
         let mut result = Ok(());
         for args in node_args {
-            let node = args.get("node-name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let node = args
+                .get("node-name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             match qmp.blockdev_add(args).await {
                 Ok(_) => added.push(node),
                 Err(e) => {
-                    result = Err(ServiceError::qemu(format!("domain {name:?}: cannot open disk {}", disk.target))(e));
+                    result = Err(ServiceError::qemu(format!(
+                        "domain {name:?}: cannot open disk {}",
+                        disk.target
+                    ))(e));
                     break;
                 }
             }
         }
         if result.is_ok() {
             if let Err(e) = qmp.device_add(dev).await {
-                result = Err(ServiceError::qemu(format!("domain {name:?}: cannot plug disk {}", disk.target))(e));
+                result = Err(ServiceError::qemu(format!(
+                    "domain {name:?}: cannot plug disk {}",
+                    disk.target
+                ))(e));
             }
         }
         if result.is_err() {
@@ -998,13 +1220,27 @@ impl Actor {
 
     /// The first hot-plug root port with nothing behind it.
     async fn free_root_port(&self, qmp: &Qmp, ports: &[String]) -> ServiceResult<String> {
-        let pci = qmp.execute("query-pci", None).await.map_err(ServiceError::qemu("cannot list PCI devices"))?;
+        let pci = qmp
+            .execute("query-pci", None)
+            .await
+            .map_err(ServiceError::qemu("cannot list PCI devices"))?;
         let mut used = std::collections::BTreeSet::new();
         for bus in pci.as_array().into_iter().flatten() {
-            for dev in bus.get("devices").and_then(Value::as_array).into_iter().flatten() {
-                let Some(id) = dev.get("qdev_id").and_then(Value::as_str) else { continue };
+            for dev in bus
+                .get("devices")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(id) = dev.get("qdev_id").and_then(Value::as_str) else {
+                    continue;
+                };
                 if let Some(bridge) = dev.get("pci_bridge") {
-                    if bridge.get("devices").and_then(Value::as_array).is_some_and(|d| !d.is_empty()) {
+                    if bridge
+                        .get("devices")
+                        .and_then(Value::as_array)
+                        .is_some_and(|d| !d.is_empty())
+                    {
                         used.insert(id.to_string());
                     }
                 }
@@ -1014,10 +1250,12 @@ impl Actor {
             .iter()
             .find(|p| !used.contains(*p))
             .cloned()
-            .ok_or_else(|| ServiceError::Unsupported(format!(
-                "domain {:?} has no free hot-plug slot left; add the disk while it is shut off",
-                self.name()
-            )))
+            .ok_or_else(|| {
+                ServiceError::Unsupported(format!(
+                    "domain {:?} has no free hot-plug slot left; add the disk while it is shut off",
+                    self.name()
+                ))
+            })
     }
 
     async fn detach_disk(&mut self, target: String, config_only: bool, reply: Reply<()>) {
@@ -1048,7 +1286,12 @@ impl Actor {
             return;
         }
         let sent = match self.qmp() {
-            Ok(q) => q.device_del(&target).await.map_err(ServiceError::qemu(format!("domain {name:?}: cannot unplug disk {target}"))),
+            Ok(q) => q
+                .device_del(&target)
+                .await
+                .map_err(ServiceError::qemu(format!(
+                    "domain {name:?}: cannot unplug disk {target}"
+                ))),
             Err(e) => Err(e),
         };
         if let Err(e) = sent {
@@ -1074,7 +1317,10 @@ impl Actor {
     /// Deletes the block nodes that served a disk whose device is gone.
     async fn unplug_nodes(&self, target: &str) {
         let Some(qmp) = self.qmp.clone() else { return };
-        let nodes = [qemu_cmd::format_node_name(target), qemu_cmd::file_node_name(target)];
+        let nodes = [
+            qemu_cmd::format_node_name(target),
+            qemu_cmd::file_node_name(target),
+        ];
         for node in nodes {
             if let Err(e) = qmp.blockdev_del(&node).await {
                 debug!(domain = %self.name(), node = %node, error = %e, "block node not deleted");
@@ -1090,7 +1336,11 @@ impl Actor {
             return;
         }
         self.unplug_nodes(target).await;
-        let r = if in_def { self.remove_from_def(target) } else { Ok(()) };
+        let r = if in_def {
+            self.remove_from_def(target)
+        } else {
+            Ok(())
+        };
         if let Some(i) = idx {
             let d = self.pending_detach.remove(i);
             if let Some(reply) = d.reply {
@@ -1144,12 +1394,21 @@ pub async fn check_image_format(disk: &DiskDef) -> ServiceResult<()> {
             disk.source.display()
         )));
     }
-    let info = qemu_img(&["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), disk.source.as_os_str()]).await?;
+    let info = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        disk.source.as_os_str(),
+    ])
+    .await?;
     let info: Value = serde_json::from_str(&info).map_err(|e| ServiceError::Io {
         context: "cannot read qemu-img info".into(),
         source: std::io::Error::other(e),
     })?;
-    let found = info.get("format").and_then(Value::as_str).unwrap_or("unknown");
+    let found = info
+        .get("format")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown");
     let declared = disk.format.as_str();
     // A probe cannot tell raw from an unknown format, so only a mismatch between two formats
     // qemu-img recognised is refused.

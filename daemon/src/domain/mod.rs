@@ -1,7 +1,7 @@
 //! Domains: definitions (the libvirt-XML subset), the QEMU command line built from them, and
 //! the per-guest actor that alone owns a QEMU process and its QMP session.
 
+pub mod actor;
 pub mod def;
 pub mod qemu_cmd;
-pub mod actor;
 pub mod state;

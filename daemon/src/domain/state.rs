@@ -98,9 +98,18 @@ mod tests {
 
     #[test]
     fn transition_unexpected_exit_is_crash() {
-        assert_eq!(S::Running.transition(E::Exited { expected: false }), S::Crashed);
-        assert_eq!(S::Paused.transition(E::Exited { expected: false }), S::Crashed);
-        assert_eq!(S::Running.transition(E::Exited { expected: true }), S::Shutoff);
+        assert_eq!(
+            S::Running.transition(E::Exited { expected: false }),
+            S::Crashed
+        );
+        assert_eq!(
+            S::Paused.transition(E::Exited { expected: false }),
+            S::Crashed
+        );
+        assert_eq!(
+            S::Running.transition(E::Exited { expected: true }),
+            S::Shutoff
+        );
     }
 
     #[test]
@@ -119,6 +128,9 @@ mod tests {
             assert_eq!(s.transition(E::Resumed), s);
             assert_eq!(s.transition(E::Exited { expected: false }), s);
         }
-        assert_eq!(S::Crashed.transition(E::Started { paused: true }), S::Paused);
+        assert_eq!(
+            S::Crashed.transition(E::Started { paused: true }),
+            S::Paused
+        );
     }
 }

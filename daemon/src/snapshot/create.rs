@@ -84,11 +84,18 @@ fn target_of_qdev(qdev: &str) -> Option<&str> {
 }
 
 async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String, TopNode>> {
-    let blocks = qmp.query_block().await.map_err(ServiceError::qemu("cannot list the guest's disks"))?;
+    let blocks = qmp
+        .query_block()
+        .await
+        .map_err(ServiceError::qemu("cannot list the guest's disks"))?;
     let mut out = std::collections::HashMap::new();
     for b in blocks {
-        let (Some(qdev), Some(ins)) = (b.qdev.as_deref(), b.inserted.as_ref()) else { continue };
-        let Some(target) = target_of_qdev(qdev) else { continue };
+        let (Some(qdev), Some(ins)) = (b.qdev.as_deref(), b.inserted.as_ref()) else {
+            continue;
+        };
+        let Some(target) = target_of_qdev(qdev) else {
+            continue;
+        };
         out.insert(
             target.to_string(),
             TopNode {
@@ -139,7 +146,10 @@ pub async fn create(
     now_unix: i64,
 ) -> ServiceResult<SnapshotRecord> {
     let mut undo = Undo::default();
-    let result = run(catalog, domain, parent, origin, plan, &target, job, now_unix, &mut undo).await;
+    let result = run(
+        catalog, domain, parent, origin, plan, &target, job, now_unix, &mut undo,
+    )
+    .await;
     match result {
         Ok(rec) => Ok(rec),
         Err(e) => {
@@ -199,7 +209,9 @@ async fn run(
     // Checks that need the images (before any change).
     for d in plan.disks.iter().filter(|d| d.mode == DiskMode::Internal) {
         let existing = if live {
-            tops.get(&d.target).map(|t| t.snapshots.clone()).unwrap_or_default()
+            tops.get(&d.target)
+                .map(|t| t.snapshots.clone())
+                .unwrap_or_default()
         } else {
             offline_snapshot_tags(&d.image).await?
         };
@@ -227,26 +239,32 @@ async fn run(
         .flatten()
         .chain(plan.memory_file.as_ref())
         .collect();
-    let op = catalog.lock().expect("catalog lock poisoned").begin_operation(
-        domain,
-        "create-snapshot",
-        &json!({"name": plan.name, "files": files}),
-    )?;
+    let op = catalog
+        .lock()
+        .expect("catalog lock poisoned")
+        .begin_operation(
+            domain,
+            "create-snapshot",
+            &json!({"name": plan.name, "files": files}),
+        )?;
     undo.operation = Some(op);
-    let rec = catalog.lock().expect("catalog lock poisoned").insert_pending_snapshot(&NewSnapshot {
-        domain_id: domain,
-        name: plan.name.clone(),
-        description: plan.description.clone(),
-        created_at: now_unix,
-        state: plan.state.as_str().to_string(),
-        kind: plan.kind.as_str().to_string(),
-        parent,
-        domain_xml: plan.def_before.to_xml(),
-        memory: memory_json(plan),
-        disks: disks_json(plan),
-        origin: origin.to_string(),
-        protected: false,
-    })?;
+    let rec = catalog
+        .lock()
+        .expect("catalog lock poisoned")
+        .insert_pending_snapshot(&NewSnapshot {
+            domain_id: domain,
+            name: plan.name.clone(),
+            description: plan.description.clone(),
+            created_at: now_unix,
+            state: plan.state.as_str().to_string(),
+            kind: plan.kind.as_str().to_string(),
+            parent,
+            domain_xml: plan.def_before.to_xml(),
+            memory: memory_json(plan),
+            disks: disks_json(plan),
+            origin: origin.to_string(),
+            protected: false,
+        })?;
     undo.record = Some(rec.id);
     match target.qmp {
         Some(qmp) => live_steps(qmp, plan, target.running, job, rec.id, &tops, undo).await?,
@@ -268,42 +286,73 @@ async fn run(
     }
     undo.record = None;
     undo.operation = None;
-    let rec = catalog.lock().expect("catalog lock poisoned").snapshot(rec.id)?;
+    let rec = catalog
+        .lock()
+        .expect("catalog lock poisoned")
+        .snapshot(rec.id)?;
     info!(snapshot = %plan.name, kind = plan.kind.as_str(), memory = plan.memory.as_str(), "snapshot created");
     Ok(rec)
 }
 
 async fn offline_snapshot_tags(image: &Path) -> ServiceResult<Vec<String>> {
-    let out = qemu_img(&["info".as_ref(), "-U".as_ref(), "--output=json".as_ref(), image.as_os_str()]).await?;
+    let out = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        image.as_os_str(),
+    ])
+    .await?;
     let v: Value = serde_json::from_str(&out).map_err(|e| ServiceError::Io {
         context: "cannot read qemu-img info".into(),
         source: std::io::Error::other(e),
     })?;
     Ok(v.get("snapshots")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.get("name").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default())
 }
 
 async fn offline_steps(plan: &Plan, job: &Job, undo: &mut Undo) -> ServiceResult<()> {
     job.set_phase("disks");
-    let total = plan.disks.iter().filter(|d| d.mode != DiskMode::No).count().max(1);
+    let total = plan
+        .disks
+        .iter()
+        .filter(|d| d.mode != DiskMode::No)
+        .count()
+        .max(1);
     let mut done = 0;
     for d in &plan.disks {
         match d.mode {
             DiskMode::No => continue,
             DiskMode::Internal => {
-                qemu_img(&["snapshot".as_ref(), "-c".as_ref(), plan.name.as_ref(), d.image.as_os_str()]).await?;
-                undo.offline_internal.push((d.image.clone(), plan.name.clone()));
+                qemu_img(&[
+                    "snapshot".as_ref(),
+                    "-c".as_ref(),
+                    plan.name.as_ref(),
+                    d.image.as_os_str(),
+                ])
+                .await?;
+                undo.offline_internal
+                    .push((d.image.clone(), plan.name.clone()));
             }
             DiskMode::External => {
-                let overlay = d.overlay.as_ref().expect("planned external disks have an overlay");
+                let overlay = d
+                    .overlay
+                    .as_ref()
+                    .expect("planned external disks have an overlay");
                 let backing = match &d.snapshot_file {
                     Some(renamed) => {
                         // Keep the active name: the image moves to the snapshot's name and a new
                         // overlay takes its place.
                         if renamed.exists() {
-                            return Err(ServiceError::AlreadyExists(format!("{} already exists", renamed.display())));
+                            return Err(ServiceError::AlreadyExists(format!(
+                                "{} already exists",
+                                renamed.display()
+                            )));
                         }
                         std::fs::rename(&d.image, renamed)
                             .map_err(io_context(format!("cannot rename {}", d.image.display())))?;
@@ -354,7 +403,10 @@ async fn live_steps(
     let mut actions = Vec::new();
     for d in plan.disks.iter().filter(|d| d.mode == DiskMode::External) {
         let top = &tops[&d.target];
-        let overlay = d.overlay.as_ref().expect("planned external disks have an overlay");
+        let overlay = d
+            .overlay
+            .as_ref()
+            .expect("planned external disks have an overlay");
         drop(create_exclusive(overlay)?);
         undo.files.push(overlay.clone());
         let size = top.virtual_size.to_string();
@@ -380,12 +432,20 @@ async fn live_steps(
             "backing": null,
         }))
         .await
-        .map_err(ServiceError::qemu(format!("cannot open the new overlay of disk {}", d.target)))?;
+        .map_err(ServiceError::qemu(format!(
+            "cannot open the new overlay of disk {}",
+            d.target
+        )))?;
         undo.nodes.push(node.clone());
-        actions.push(json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}));
+        actions.push(
+            json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}),
+        );
     }
-    let internal: Vec<&super::plan::DiskPlan> =
-        plan.disks.iter().filter(|d| d.mode == DiskMode::Internal).collect();
+    let internal: Vec<&super::plan::DiskPlan> = plan
+        .disks
+        .iter()
+        .filter(|d| d.mode == DiskMode::Internal)
+        .collect();
     match plan.memory {
         MemoryMode::None => {
             for d in &internal {
@@ -399,14 +459,26 @@ async fn live_steps(
         }
         MemoryMode::Internal => {
             if running {
-                qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest"))?;
+                qmp.stop()
+                    .await
+                    .map_err(ServiceError::qemu("cannot pause the guest"))?;
                 undo.paused_by_us = true;
             }
             job.set_phase("memory");
-            let vmstate = plan.vmstate_disk.as_ref().expect("internal memory has a vmstate disk");
-            let devices: Vec<&str> = internal.iter().map(|d| tops[&d.target].node.as_str()).collect();
+            let vmstate = plan
+                .vmstate_disk
+                .as_ref()
+                .expect("internal memory has a vmstate disk");
+            let devices: Vec<&str> = internal
+                .iter()
+                .map(|d| tops[&d.target].node.as_str())
+                .collect();
             save_internal(qmp, &plan.name, &tops[vmstate].node, &devices, snapshot).await?;
-            undo.live_internal.extend(internal.iter().map(|d| (tops[&d.target].node.clone(), plan.name.clone())));
+            undo.live_internal.extend(
+                internal
+                    .iter()
+                    .map(|d| (tops[&d.target].node.clone(), plan.name.clone())),
+            );
             job.set_phase("disks");
             transaction(qmp, actions, plan, &[], undo, tops).await?;
         }
@@ -417,11 +489,16 @@ async fn live_steps(
                     "data": {"device": tops[&d.target].node, "name": plan.name},
                 }));
             }
-            let file = plan.memory_file.as_ref().expect("external memory has a file");
+            let file = plan
+                .memory_file
+                .as_ref()
+                .expect("external memory has a file");
             let f = create_exclusive(file)?;
             undo.files.push(file.clone());
             if running && !plan.live {
-                qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest"))?;
+                qmp.stop()
+                    .await
+                    .map_err(ServiceError::qemu("cannot pause the guest"))?;
                 undo.paused_by_us = true;
             }
             job.set_phase("memory");
@@ -450,14 +527,20 @@ async fn live_steps(
     job.set_cancelable(false);
     // Re-activate images after a migration and resume a guest that ran.
     if undo.paused_by_us {
-        qmp.cont().await.map_err(ServiceError::qemu("cannot resume the guest"))?;
+        qmp.cont()
+            .await
+            .map_err(ServiceError::qemu("cannot resume the guest"))?;
         undo.paused_by_us = false;
         undo.images_inactive = false;
     } else if undo.images_inactive {
         // A guest that was paused by its user stays paused; the images a migration handed
         // over are taken back by a resume and an immediate pause.
-        qmp.cont().await.map_err(ServiceError::qemu("cannot re-activate the disks"))?;
-        qmp.stop().await.map_err(ServiceError::qemu("cannot pause the guest again"))?;
+        qmp.cont()
+            .await
+            .map_err(ServiceError::qemu("cannot re-activate the disks"))?;
+        qmp.stop()
+            .await
+            .map_err(ServiceError::qemu("cannot pause the guest again"))?;
         undo.images_inactive = false;
     }
     // The overlays are in the graph now: nothing to delete on failure from here on.
@@ -483,7 +566,11 @@ async fn transaction(
     // The overlays now serve the disks; the old tops became their backing nodes.
     undo.nodes.clear();
     undo.files.retain(|f| plan.memory_file.as_ref() == Some(f));
-    undo.live_internal.extend(internal.iter().map(|d| (tops[&d.target].node.clone(), plan.name.clone())));
+    undo.live_internal.extend(
+        internal
+            .iter()
+            .map(|d| (tops[&d.target].node.clone(), plan.name.clone())),
+    );
     Ok(())
 }
 
@@ -518,15 +605,22 @@ pub async fn wait_job_concluded(
         let id = job_id.to_string();
         async move {
             let jobs = qmp.query_jobs().await?;
-            Ok::<_, crate::qmp::QmpError>(jobs.into_iter().find(|j| j.id == id && j.status == "concluded"))
+            Ok::<_, crate::qmp::QmpError>(
+                jobs.into_iter()
+                    .find(|j| j.id == id && j.status == "concluded"),
+            )
         }
     };
     let info = loop {
-        if let Some(j) = concluded(qmp).await.map_err(ServiceError::qemu(what.to_string()))? {
+        if let Some(j) = concluded(qmp)
+            .await
+            .map_err(ServiceError::qemu(what.to_string()))?
+        {
             break j;
         }
         qmp.wait_event(events, deadline, |e| {
-            e.name == "JOB_STATUS_CHANGE" && e.data.get("id").and_then(Value::as_str) == Some(job_id)
+            e.name == "JOB_STATUS_CHANGE"
+                && e.data.get("id").and_then(Value::as_str) == Some(job_id)
         })
         .await
         .map_err(ServiceError::qemu(what.to_string()))?;
@@ -555,14 +649,29 @@ async fn begin_external_save(qmp: &Qmp, file: &std::fs::File, job: &Job) -> Serv
     )
     .await
     .map_err(prep())?;
-    qmp.execute("migrate-set-parameters", Some(json!({"max-bandwidth": MIGRATE_MAX_BANDWIDTH})))
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": MIGRATE_MAX_BANDWIDTH})),
+    )
+    .await
+    .map_err(prep())?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({"fdname": MEMORY_FD_NAME})),
+        file.as_fd(),
+    )
+    .await
+    .map_err(ServiceError::qemu("cannot hand the memory file to QEMU"))?;
+    if let Err(e) = qmp
+        .execute(
+            "migrate",
+            Some(json!({"uri": format!("fd:{MEMORY_FD_NAME}")})),
+        )
         .await
-        .map_err(prep())?;
-    qmp.execute_with_fd("getfd", Some(json!({"fdname": MEMORY_FD_NAME})), file.as_fd())
-        .await
-        .map_err(ServiceError::qemu("cannot hand the memory file to QEMU"))?;
-    if let Err(e) = qmp.execute("migrate", Some(json!({"uri": format!("fd:{MEMORY_FD_NAME}")}))).await {
-        let _ = qmp.execute("closefd", Some(json!({"fdname": MEMORY_FD_NAME}))).await;
+    {
+        let _ = qmp
+            .execute("closefd", Some(json!({"fdname": MEMORY_FD_NAME})))
+            .await;
         return Err(ServiceError::qemu("cannot save the VM state")(e));
     }
     let cancel = job.cancel_token();
@@ -623,7 +732,10 @@ async fn poll_migration(qmp: &Qmp, job: &Job) -> ServiceResult<MigrationStatus> 
         "completed" => Ok(MigrationStatus::Completed),
         "pre-switchover" => Ok(MigrationStatus::PreSwitchover),
         "failed" => {
-            let why = st.get("error-desc").and_then(Value::as_str).unwrap_or("unknown reason");
+            let why = st
+                .get("error-desc")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown reason");
             Err(ServiceError::Qemu {
                 context: "saving the VM state failed".into(),
                 source: crate::qmp::QmpError::Command {
@@ -667,15 +779,21 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
             let job_id = format!("vmsnap-undo-{node}");
             let mut events = qmp.subscribe();
             let r = qmp
-                .execute("snapshot-delete", Some(json!({"job-id": job_id, "tag": tag, "devices": [node]})))
+                .execute(
+                    "snapshot-delete",
+                    Some(json!({"job-id": job_id, "tag": tag, "devices": [node]})),
+                )
                 .await;
             match r {
                 Ok(_) => {
-                    if let Err(e) = wait_job_concluded(qmp, &mut events, &job_id, "rollback").await {
+                    if let Err(e) = wait_job_concluded(qmp, &mut events, &job_id, "rollback").await
+                    {
                         warn!(node = %node, error = %e, "rollback: internal snapshot not deleted");
                     }
                 }
-                Err(e) => warn!(node = %node, error = %e, "rollback: internal snapshot not deleted"),
+                Err(e) => {
+                    warn!(node = %node, error = %e, "rollback: internal snapshot not deleted")
+                }
             }
         }
         if undo.paused_by_us || undo.images_inactive {
@@ -688,7 +806,14 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
         }
     }
     for (image, tag) in undo.offline_internal.drain(..) {
-        if let Err(e) = qemu_img(&["snapshot".as_ref(), "-d".as_ref(), tag.as_ref(), image.as_os_str()]).await {
+        if let Err(e) = qemu_img(&[
+            "snapshot".as_ref(),
+            "-d".as_ref(),
+            tag.as_ref(),
+            image.as_os_str(),
+        ])
+        .await
+        {
             warn!(image = %image.display(), error = %e, "rollback: internal snapshot not deleted");
         }
     }

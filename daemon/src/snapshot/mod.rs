@@ -6,7 +6,7 @@
 //! [`plan`] validates a request into a [`plan::Plan`] before any work is done; [`xml`] reads
 //! libvirt's `<domainsnapshot>` creation documents and writes the output format.
 
-pub mod plan;
-pub mod xml;
 pub mod create;
+pub mod plan;
 pub mod record;
+pub mod xml;

@@ -81,15 +81,28 @@ pub fn to_xml(rec: &SnapshotRecord, parent: Option<&str>, is_current: bool) -> S
     let mut x = String::from("<domainsnapshot>\n");
     x.push_str(&format!("  <name>{}</name>\n", esc(&rec.name)));
     if !rec.description.is_empty() {
-        x.push_str(&format!("  <description>{}</description>\n", esc(&rec.description)));
+        x.push_str(&format!(
+            "  <description>{}</description>\n",
+            esc(&rec.description)
+        ));
     }
     x.push_str(&format!("  <state>{}</state>\n", esc(&rec.state)));
     if let Some(p) = parent {
-        x.push_str(&format!("  <parent>\n    <name>{}</name>\n  </parent>\n", esc(p)));
+        x.push_str(&format!(
+            "  <parent>\n    <name>{}</name>\n  </parent>\n",
+            esc(p)
+        ));
     }
-    x.push_str(&format!("  <creationTime>{}</creationTime>\n", rec.created_at));
+    x.push_str(&format!(
+        "  <creationTime>{}</creationTime>\n",
+        rec.created_at
+    ));
     let mem = memory(rec);
-    let mem_mode = if mem.mode == "none" { "no" } else { mem.mode.as_str() };
+    let mem_mode = if mem.mode == "none" {
+        "no"
+    } else {
+        mem.mode.as_str()
+    };
     match &mem.file {
         Some(f) => x.push_str(&format!(
             "  <memory snapshot='{}' file='{}'/>\n",
