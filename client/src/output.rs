@@ -172,27 +172,6 @@ impl Failure {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_codes_are_distinct_per_category() {
-        let codes: Vec<u8> = [
-            Error::NoSuchDomain(String::new()),
-            Error::AlreadyExists(String::new()),
-            Error::Busy(String::new()),
-            Error::NotAuthorized(String::new()),
-            Error::InvalidArgument(String::new()),
-        ]
-        .into_iter()
-        .map(|e| Failure::wire(e).code)
-        .collect();
-        assert_eq!(codes, vec![3, 4, 5, 6, 7]);
-        assert_eq!(Failure::wire(Error::Failed(String::new())).code, 1);
-    }
-}
-
 /// Formats unix seconds as UTC `YYYY-MM-DD HH:MM:SS`.
 fn time(secs: u64) -> String {
     jiff::Timestamp::from_second(secs as i64)
@@ -273,4 +252,25 @@ pub fn snapshot_info(v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_codes_are_distinct_per_category() {
+        let codes: Vec<u8> = [
+            Error::NoSuchDomain(String::new()),
+            Error::AlreadyExists(String::new()),
+            Error::Busy(String::new()),
+            Error::NotAuthorized(String::new()),
+            Error::InvalidArgument(String::new()),
+        ]
+        .into_iter()
+        .map(|e| Failure::wire(e).code)
+        .collect();
+        assert_eq!(codes, vec![3, 4, 5, 6, 7]);
+        assert_eq!(Failure::wire(Error::Failed(String::new())).code, 1);
+    }
 }

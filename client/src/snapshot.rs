@@ -131,15 +131,9 @@ pub async fn follow_job(
         if tty {
             let phase = job.phase().await?;
             let (done, total) = (job.bytes_done().await?, job.bytes_total().await?);
-            let line = if total > 0 {
-                format!(
-                    "{phase}: {:>3}% {} / {} MiB",
-                    done * 100 / total,
-                    done >> 20,
-                    total >> 20
-                )
-            } else {
-                phase
+            let line = match (done * 100).checked_div(total) {
+                Some(pct) => format!("{phase}: {pct:>3}% {} / {} MiB", done >> 20, total >> 20),
+                None => phase,
             };
             eprint!("\r\x1b[2K{line}");
             let _ = std::io::stderr().flush();

@@ -22,14 +22,14 @@ fn stderr_is_journal() -> bool {
 /// `vmsnapd=debug`; `RUST_LOG` overrides it.
 pub fn init(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    if stderr_is_journal() {
-        if let Ok(journald) = tracing_journald::layer() {
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(journald)
-                .init();
-            return;
-        }
+    if stderr_is_journal()
+        && let Ok(journald) = tracing_journald::layer()
+    {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(journald)
+            .init();
+        return;
     }
     tracing_subscriber::registry()
         .with(filter)

@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::catalog::{Catalog, DomainId, DomainKind, DomainRecord, NewDomain};
 use crate::config::Config;
-use crate::domain::actor::{self, DomainHandle, Shared};
+use crate::domain::actor::{self, DomainHandle, Seed, Shared};
 use crate::domain::def::{DiskBus, DiskDef, DiskFormat, DomainDef};
 use crate::error::{ServiceError, ServiceResult};
 use crate::job::JobRegistry;
@@ -105,12 +105,14 @@ impl Service {
         };
         actor::spawn(
             self.shared.clone(),
-            rec.id,
-            rec.kind,
-            def,
-            rec.current_snapshot,
-            rec.qmp_socket.clone(),
-            snapshots,
+            Seed {
+                id: rec.id,
+                kind: rec.kind,
+                def,
+                current_snapshot: rec.current_snapshot,
+                qmp_socket: rec.qmp_socket.clone(),
+                snapshots,
+            },
             connection,
         )
         .await
@@ -229,12 +231,14 @@ impl Service {
             })?;
         let handle = actor::spawn(
             self.shared.clone(),
-            rec.id,
-            DomainKind::Attached,
-            def,
-            None,
-            Some(socket.to_path_buf()),
-            BTreeMap::new(),
+            Seed {
+                id: rec.id,
+                kind: DomainKind::Attached,
+                def,
+                current_snapshot: None,
+                qmp_socket: Some(socket.to_path_buf()),
+                snapshots: BTreeMap::new(),
+            },
             Some((qmp, events)),
         )
         .await;
@@ -282,10 +286,10 @@ impl Service {
             .expect("domains lock poisoned")
             .remove(&id);
         let dir = self.shared.config.domain_runtime_dir(id.0);
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                warn!(dir = %dir.display(), error = %e, "could not remove the runtime directory");
-            }
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            warn!(dir = %dir.display(), error = %e, "could not remove the runtime directory");
         }
         info!(domain = %name, "domain undefined");
         Ok(id)
@@ -356,10 +360,9 @@ async fn discover_def(qmp: &Qmp, name: &str) -> ServiceResult<DomainDef> {
         .get("UUID")
         .and_then(Value::as_str)
         .and_then(|u| u.parse::<uuid::Uuid>().ok())
+        && !u.is_nil()
     {
-        if !u.is_nil() {
-            def.uuid = u;
-        }
+        def.uuid = u;
     }
     let mem = qmp
         .execute("query-memory-size-summary", None)

@@ -68,7 +68,7 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus:
         .await?;
     let server = conn.object_server();
     for handle in service.domains() {
-        register_domain(&server, &service, handle).await?;
+        register_domain(server, &service, handle).await?;
     }
     conn.request_name(BUS_NAME).await?;
     Ok(conn)

@@ -186,8 +186,7 @@ pub async fn sync_snapshots(
             .interface::<_, SnapshotIface>(path.as_str())
             .await
             .is_err()
-        {
-            if let Err(e) = server
+            && let Err(e) = server
                 .at(
                     path.as_str(),
                     SnapshotIface {
@@ -196,9 +195,8 @@ pub async fn sync_snapshots(
                     },
                 )
                 .await
-            {
-                tracing::warn!(path, error = %e, "could not serve a snapshot object");
-            }
+        {
+            tracing::warn!(path, error = %e, "could not serve a snapshot object");
         }
     }
     let Some(last) = last else { return };

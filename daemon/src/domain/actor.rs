@@ -303,26 +303,38 @@ enum Wake {
     ShutdownCancelled,
 }
 
+/// What an actor starts from: the domain's record as the catalog has it.
+pub struct Seed {
+    /// Catalog id.
+    pub id: DomainId,
+    /// Managed or attached.
+    pub kind: DomainKind,
+    /// The definition.
+    pub def: DomainDef,
+    /// The current snapshot.
+    pub current_snapshot: Option<SnapshotId>,
+    /// The QMP socket of an attached domain.
+    pub qmp_socket: Option<PathBuf>,
+    /// The domain's snapshot records.
+    pub snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+}
+
 /// Spawns the actor of a domain. For a managed domain it first re-attaches to a QEMU left
 /// running by an earlier daemon; an attached domain may be handed its first QMP connection.
 pub async fn spawn(
     shared: Shared,
-    id: DomainId,
-    kind: DomainKind,
-    def: DomainDef,
-    current_snapshot: Option<SnapshotId>,
-    qmp_socket: Option<PathBuf>,
-    snapshots: BTreeMap<SnapshotId, SnapshotRecord>,
+    seed: Seed,
     connection: Option<(Qmp, broadcast::Receiver<Event>)>,
 ) -> DomainHandle {
+    let id = seed.id;
     let (info_tx, info_rx) = watch::channel(DomainInfo {
         id,
-        kind,
+        kind: seed.kind,
         state: GuestState::Shutoff,
-        current_snapshot,
-        def,
-        qmp_socket,
-        snapshots: Arc::new(snapshots),
+        current_snapshot: seed.current_snapshot,
+        def: seed.def,
+        qmp_socket: seed.qmp_socket,
+        snapshots: Arc::new(seed.snapshots),
     });
     let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
     let mut actor = Actor {
@@ -688,10 +700,8 @@ impl Actor {
             Some(Err(e)) => warn!(domain = %self.name(), error = %e, "could not wait for QEMU"),
             None => info!(domain = %self.name(), expected, "QEMU is gone"),
         }
-        if !expected {
-            if let Some(tail) = self.log_tail() {
-                warn!(domain = %self.name(), log = %tail, "QEMU ended unexpectedly");
-            }
+        if !expected && let Some(tail) = self.log_tail() {
+            warn!(domain = %self.name(), log = %tail, "QEMU ended unexpectedly");
         }
         self.qmp = None;
         self.events = None;
@@ -762,20 +772,20 @@ impl Actor {
     fn cleanup_runtime_files(&self) {
         let paths = self.paths();
         for p in [&paths.qmp_socket, &paths.pidfile] {
-            if let Err(e) = std::fs::remove_file(p) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(path = %p.display(), error = %e, "could not remove runtime file");
-                }
+            if let Err(e) = std::fs::remove_file(p)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(path = %p.display(), error = %e, "could not remove runtime file");
             }
         }
     }
 
     fn discard_transient_overlays(&self) {
         let dir = self.transient_dir();
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                warn!(dir = %dir.display(), error = %e, "could not discard transient overlays");
-            }
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            warn!(dir = %dir.display(), error = %e, "could not discard transient overlays");
         }
     }
 
@@ -899,10 +909,10 @@ impl Actor {
             )));
         }
         self.expecting_exit = true;
-        if let Some(q) = &self.qmp {
-            if let Err(e) = q.quit().await {
-                debug!(domain = %name, error = %e, "quit did not get an answer");
-            }
+        if let Some(q) = &self.qmp
+            && let Err(e) = q.quit().await
+        {
+            debug!(domain = %name, error = %e, "quit did not get an answer");
         }
         if let Some(mut rx) = self.exit_rx.take() {
             let status = match tokio::time::timeout(DESTROY_TIMEOUT, &mut rx).await {
@@ -922,18 +932,16 @@ impl Actor {
             self.on_exit(Some(status)).await;
         } else {
             // Not our child: wait for the QMP socket to close, then for the process to go.
-            if let Some(q) = self.qmp.clone() {
-                if tokio::time::timeout(DESTROY_TIMEOUT, q.closed())
+            if let Some(q) = self.qmp.clone()
+                && tokio::time::timeout(DESTROY_TIMEOUT, q.closed())
                     .await
                     .is_err()
-                {
-                    if let Some(pid) = self.pid {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
+                && let Some(pid) = self.pid
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             self.on_qmp_closed().await;
         }
@@ -1093,14 +1101,16 @@ impl Actor {
             running: info.state == GuestState::Running,
         };
         let rec = create::create(
-            &self.shared.catalog,
-            info.id,
-            info.current_snapshot,
-            &origin,
+            create::Record {
+                catalog: &self.shared.catalog,
+                domain: info.id,
+                parent: info.current_snapshot,
+                origin: &origin,
+                now_unix: now,
+            },
             &plan,
             target,
             job,
-            now,
         )
         .await?;
         let id = rec.id;
@@ -1200,13 +1210,13 @@ impl Actor {
                 }
             }
         }
-        if result.is_ok() {
-            if let Err(e) = qmp.device_add(dev).await {
-                result = Err(ServiceError::qemu(format!(
-                    "domain {name:?}: cannot plug disk {}",
-                    disk.target
-                ))(e));
-            }
+        if result.is_ok()
+            && let Err(e) = qmp.device_add(dev).await
+        {
+            result = Err(ServiceError::qemu(format!(
+                "domain {name:?}: cannot plug disk {}",
+                disk.target
+            ))(e));
         }
         if result.is_err() {
             for node in added.iter().rev() {
@@ -1235,14 +1245,13 @@ impl Actor {
                 let Some(id) = dev.get("qdev_id").and_then(Value::as_str) else {
                     continue;
                 };
-                if let Some(bridge) = dev.get("pci_bridge") {
-                    if bridge
+                if let Some(bridge) = dev.get("pci_bridge")
+                    && bridge
                         .get("devices")
                         .and_then(Value::as_array)
                         .is_some_and(|d| !d.is_empty())
-                    {
-                        used.insert(id.to_string());
-                    }
+                {
+                    used.insert(id.to_string());
                 }
             }
         }

@@ -134,17 +134,34 @@ fn io_context(msg: String) -> impl FnOnce(std::io::Error) -> ServiceError {
     ServiceError::io(msg)
 }
 
+/// Where a snapshot's record goes.
+pub struct Record<'a> {
+    /// The catalog.
+    pub catalog: &'a Mutex<Catalog>,
+    /// The domain.
+    pub domain: DomainId,
+    /// The new snapshot's parent (the domain's current snapshot).
+    pub parent: Option<SnapshotId>,
+    /// Who asked: `manual`, or a schedule.
+    pub origin: &'a str,
+    /// Creation time, unix seconds.
+    pub now_unix: i64,
+}
+
 /// Takes the snapshot described by `plan`; returns its committed record.
 pub async fn create(
-    catalog: &Mutex<Catalog>,
-    domain: DomainId,
-    parent: Option<SnapshotId>,
-    origin: &str,
+    record: Record<'_>,
     plan: &Plan,
     target: Target<'_>,
     job: &Job,
-    now_unix: i64,
 ) -> ServiceResult<SnapshotRecord> {
+    let Record {
+        catalog,
+        domain,
+        parent,
+        origin,
+        now_unix,
+    } = record;
     let mut undo = Undo::default();
     let result = run(
         catalog, domain, parent, origin, plan, &target, job, now_unix, &mut undo,
@@ -818,10 +835,10 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
         }
     }
     for f in undo.files.drain(..) {
-        if let Err(e) = std::fs::remove_file(&f) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(file = %f.display(), error = %e, "rollback: could not remove a new file");
-            }
+        if let Err(e) = std::fs::remove_file(&f)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(file = %f.display(), error = %e, "rollback: could not remove a new file");
         }
     }
     for (orig, renamed) in undo.renamed.drain(..).rev() {
@@ -830,14 +847,14 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
         }
     }
     let mut cat = catalog.lock().expect("catalog lock poisoned");
-    if let Some(id) = undo.record.take() {
-        if let Err(e) = cat.delete_snapshot(id) {
-            warn!(error = %e, "rollback: could not remove the pending record");
-        }
+    if let Some(id) = undo.record.take()
+        && let Err(e) = cat.delete_snapshot(id)
+    {
+        warn!(error = %e, "rollback: could not remove the pending record");
     }
-    if let Some(op) = undo.operation.take() {
-        if let Err(e) = cat.finish_operation(op) {
-            warn!(error = %e, "rollback: could not close the operation journal");
-        }
+    if let Some(op) = undo.operation.take()
+        && let Err(e) = cat.finish_operation(op)
+    {
+        warn!(error = %e, "rollback: could not close the operation journal");
     }
 }

@@ -166,7 +166,7 @@ async fn domain_shutdown_async_returns_a_job_that_reports_completion() {
         .await
         .unwrap();
     assert_eq!(job_proxy.operation().await.unwrap(), "shutdown");
-    assert_eq!(job_proxy.owner().await.unwrap().is_empty(), false);
+    assert!(!job_proxy.owner().await.unwrap().is_empty());
     let done = rec
         .wait_for(Deadline::step(), "Completed", |s| {
             s.member == "Completed" && s.path == job

@@ -68,11 +68,10 @@ async fn introspection_xml_matches_committed_file() {
         .await
         .unwrap();
     let job_xml = introspect(&conn, job_path.as_str()).await;
-    let snap = poll_until_async(Deadline::step(), "the snapshot job to finish", || async {
+    poll_until_async(Deadline::step(), "the snapshot job to finish", || async {
         job.finished().await.unwrap().then_some(())
     })
     .await;
-    let _ = snap;
     assert!(
         job.error_name().await.unwrap().is_empty(),
         "{}",
