@@ -6,3 +6,4 @@
 mod domains;
 mod harness_selftest;
 mod introspection;
+mod snapshots;
