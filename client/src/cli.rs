@@ -67,6 +67,35 @@ pub enum Command {
         /// Snapshot name.
         snapshot: String,
     },
+    /// Revert a domain to a snapshot.
+    #[command(
+        after_help = "Examples:\n  vmsnap revert web1 before-upgrade\n  vmsnap revert web1 before-upgrade --paused"
+    )]
+    Revert {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// End running, whatever the snapshot recorded.
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// End paused, whatever the snapshot recorded.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Delete a snapshot.
+    #[command(
+        after_help = "Examples:\n  vmsnap delete web1 before-upgrade\n  vmsnap delete web1 old --metadata-only"
+    )]
+    Delete {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// Forget the record only; keep every file.
+        #[arg(long)]
+        metadata_only: bool,
+    },
     /// Print a snapshot as libvirt <domainsnapshot> XML.
     #[command(after_help = "Example:\n  vmsnap dumpxml web1 before-upgrade")]
     Dumpxml {

@@ -70,12 +70,22 @@ async fn domain_json(d: &DomainProxy<'_>) -> Result<Value, Failure> {
             json!({"target": target, "format": format, "file": file, "flags": flags})
         })
         .collect();
+    let current = d.current_snapshot().await?;
+    let current_name = if current.as_str() == "/" {
+        Value::Null
+    } else {
+        let s = vmsnap_dbus::proxy::SnapshotProxy::builder(d.inner().connection())
+            .path(current.clone())
+            .build()
+            .await?;
+        Value::String(s.name().await?)
+    };
     Ok(json!({
         "name": d.name().await?,
         "uuid": d.uuid().await?,
         "state": d.state().await?,
         "kind": d.kind().await?,
-        "current_snapshot": d.current_snapshot().await?.to_string(),
+        "current_snapshot": current_name,
         "path": d.inner().path().to_string(),
         "disks": disks,
     }))
@@ -99,6 +109,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::List { domain } => snapshot::list(&conn, &manager, json_mode, &domain).await?,
         Command::Info { domain, snapshot } => {
             snapshot::info(&conn, &manager, json_mode, &domain, &snapshot).await?
+        }
+        Command::Revert {
+            domain,
+            snapshot,
+            running,
+            paused,
+        } => {
+            snapshot::revert(
+                &conn, &manager, json_mode, &domain, &snapshot, running, paused,
+            )
+            .await?
+        }
+        Command::Delete {
+            domain,
+            snapshot,
+            metadata_only,
+        } => {
+            snapshot::delete(
+                &conn,
+                &manager,
+                json_mode,
+                &domain,
+                &snapshot,
+                metadata_only,
+            )
+            .await?
         }
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?

@@ -54,7 +54,9 @@ pub fn domain_info(v: &Value) -> String {
         s("uuid"),
         s("state"),
         s("kind"),
-        s("current_snapshot")
+        v.get("current_snapshot")
+            .and_then(Value::as_str)
+            .unwrap_or("-")
     );
     for d in v
         .get("disks")

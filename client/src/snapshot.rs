@@ -223,3 +223,62 @@ pub async fn dumpxml(
     });
     Ok(())
 }
+
+/// `vmsnap revert`
+pub async fn revert(
+    conn: &Connection,
+    manager: &ManagerProxy<'_>,
+    json_mode: bool,
+    domain: &str,
+    snapshot: &str,
+    running: bool,
+    paused: bool,
+) -> Result<(), Failure> {
+    let d = domain_proxy(conn, manager, domain).await?;
+    let p = d.find_snapshot(snapshot).await?;
+    let s = SnapshotProxy::builder(conn).path(p).build().await?;
+    let mut o = Opts::new();
+    o.insert("async", Variant::Bool(true));
+    if running {
+        o.insert("running", Variant::Bool(true));
+    }
+    if paused {
+        o.insert("paused", Variant::Bool(true));
+    }
+    let job = s.revert(o).await?;
+    follow_job(conn, job, json_mode).await?;
+    let state = d.state().await?;
+    output::emit(
+        json_mode,
+        &json!({"domain": domain, "snapshot": snapshot, "state": state}),
+        || format!("Domain {domain} reverted to {snapshot} ({state})"),
+    );
+    Ok(())
+}
+
+/// `vmsnap delete`
+pub async fn delete(
+    conn: &Connection,
+    manager: &ManagerProxy<'_>,
+    json_mode: bool,
+    domain: &str,
+    snapshot: &str,
+    metadata_only: bool,
+) -> Result<(), Failure> {
+    let d = domain_proxy(conn, manager, domain).await?;
+    let p = d.find_snapshot(snapshot).await?;
+    let s = SnapshotProxy::builder(conn).path(p).build().await?;
+    let mut o = Opts::new();
+    o.insert("async", Variant::Bool(true));
+    if metadata_only {
+        o.insert("metadata-only", Variant::Bool(true));
+    }
+    let job = s.delete(o).await?;
+    follow_job(conn, job, json_mode).await?;
+    output::emit(
+        json_mode,
+        &json!({"domain": domain, "snapshot": snapshot, "deleted": true}),
+        || format!("Snapshot {snapshot} of {domain} deleted"),
+    );
+    Ok(())
+}

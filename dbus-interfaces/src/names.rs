@@ -76,6 +76,10 @@ pub mod option {
     pub const KEEP_ACTIVE_NAME: &str = "keep-active-name";
     /// `b`: with `MonitorCommand`, the command is a human monitor command line.
     pub const HMP: &str = "hmp";
+    /// `b`: with `Revert`, end running whatever the snapshot recorded.
+    pub const RUNNING: &str = "running";
+    /// `b`: with `Delete`, forget the record and keep every file.
+    pub const METADATA_ONLY: &str = "metadata-only";
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
 }

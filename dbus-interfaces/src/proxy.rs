@@ -104,6 +104,12 @@ pub trait Domain {
     fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
     /// The path of the snapshot with this name.
     fn find_snapshot(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
+    /// The domain was reverted to a snapshot.
+    #[zbus(signal)]
+    fn reverted(&self, snapshot: OwnedObjectPath) -> zbus::Result<()>;
+    /// A snapshot was deleted.
+    #[zbus(signal)]
+    fn snapshot_deleted(&self, snapshot: OwnedObjectPath) -> zbus::Result<()>;
     /// A snapshot was taken.
     #[zbus(signal)]
     fn snapshot_created(&self, snapshot: OwnedObjectPath) -> zbus::Result<()>;
@@ -135,6 +141,10 @@ pub trait Domain {
 pub trait Snapshot {
     /// The snapshot as libvirt `<domainsnapshot>` XML.
     fn get_xml(&self) -> Result<String, crate::Error>;
+    /// Reverts the domain to this snapshot; returns the job path with `async`, else this path.
+    fn revert(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, crate::Error>;
+    /// Deletes this snapshot; returns the job path with `async`, else `/`.
+    fn delete(&self, options: HashMap<&str, Variant<'_>>) -> Result<OwnedObjectPath, crate::Error>;
     /// The snapshot's name.
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;

@@ -153,10 +153,25 @@ fn run_demo() {
     vmsnap.ok(["domain", "info", "demo"]);
     vmsnap.ok(["domain", "pause", "demo"]);
     vmsnap.ok(["domain", "resume", "demo"]);
-    // ---- Snapshots: not implemented yet. When the daemon and client have them, add here:
-    // ---- snapshot create, snapshot list, snapshot revert, snapshot delete.
+    vmsnap.ok([
+        "create",
+        "demo",
+        "--name",
+        "first",
+        "--description",
+        "internal checkpoint",
+    ]);
+    vmsnap.ok(["create", "demo", "--name", "second"]);
+    vmsnap.ok(["list", "demo"]);
+    vmsnap.ok(["revert", "demo", "first"]);
+    vmsnap.ok(["info", "demo", "first"]);
+    vmsnap.ok(["delete", "demo", "second"]);
+    vmsnap.ok(["list", "demo"]);
+    vmsnap.ok(["create", "demo", "--name", "overlay", "--disk-only"]);
+    vmsnap.ok(["list", "demo"]);
+    vmsnap.ok(["domain", "info", "demo"]);
     vmsnap.ok(["domain", "destroy", "demo"]);
-    vmsnap.ok(["domain", "undefine", "demo"]);
+    vmsnap.ok(["domain", "undefine", "demo", "--snapshots-metadata"]);
     vmsnap.ok(["domain", "list"]);
     println!("==> stopping vmsnapd and the bus");
 }

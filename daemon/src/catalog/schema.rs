@@ -28,7 +28,7 @@ pub(super) const MIGRATIONS: &[&str] = &[V1];
 /// Schema version 1: domains, snapshots, operations.
 const V1: &str = r#"
 CREATE TABLE domains (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     name             TEXT    NOT NULL UNIQUE,
     uuid             TEXT    NOT NULL UNIQUE,
     kind             TEXT    NOT NULL CHECK (kind IN ('managed', 'attached')),
@@ -41,7 +41,7 @@ CREATE TABLE domains (
 CREATE INDEX domains_by_current ON domains(current_snapshot);
 
 CREATE TABLE snapshots (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     domain_id   INTEGER NOT NULL REFERENCES domains(id) ON DELETE CASCADE,
     name        TEXT    NOT NULL,
     description TEXT    NOT NULL DEFAULT '',

@@ -1,7 +1,8 @@
 //! The records the catalog stores and the typed ids that name them.
 //!
-//! Ids are the SQLite `INTEGER PRIMARY KEY` of their row, wrapped so that a snapshot id cannot be
-//! passed where a domain id is expected. Records are plain data: reading one never keeps a
+//! Ids are the SQLite `INTEGER PRIMARY KEY AUTOINCREMENT` of their row (never reused, so a
+//! D-Bus object path never names two different domains or snapshots over time), wrapped so
+//! that a snapshot id cannot be passed where a domain id is expected. Records are plain data: reading one never keeps a
 //! borrow of the catalog, and writing one back goes through the [`Catalog`](super::Catalog)
 //! methods that keep the invariants.
 

@@ -252,6 +252,20 @@ impl DomainIface {
             })
     }
 
+    /// The domain was reverted to a snapshot.
+    #[zbus(signal)]
+    pub(super) async fn reverted(
+        emitter: &SignalEmitter<'_>,
+        snapshot: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+
+    /// A snapshot was deleted.
+    #[zbus(signal)]
+    pub(super) async fn snapshot_deleted(
+        emitter: &SignalEmitter<'_>,
+        snapshot: ObjectPath<'_>,
+    ) -> zbus::Result<()>;
+
     /// A snapshot was taken.
     #[zbus(signal)]
     async fn snapshot_created(
@@ -382,12 +396,13 @@ impl DomainIface {
         let handle = self.handle.clone();
         let j = job.clone();
         let server2 = server.clone();
+        let service = self.service.clone();
         let emitter = emitter.into_owned();
         let (path, rx) = run_job(server, &self.service, job, async move {
             let id = handle.create_snapshot(req, "manual".to_string(), j).await?;
             let info = handle.info();
             // Serve the new object before anyone hears of it.
-            sync_snapshots(&server2, &handle, None, &info).await;
+            sync_snapshots(&server2, &service, &handle, None, &info).await;
             let p = obj(snapshot_path(info.id.0, id.0));
             let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
             Ok(p)
@@ -419,8 +434,9 @@ pub async fn register_domain(
         )
         .await?;
     let initial = watch.borrow_and_update().clone();
-    sync_snapshots(server, &handle, None, &initial).await;
+    sync_snapshots(server, service, &handle, None, &initial).await;
     let server = server.clone();
+    let service = service.clone();
     let p = path.clone();
     tokio::spawn(async move {
         let mut last = initial;
@@ -445,7 +461,7 @@ pub async fn register_domain(
                 let _ = i.name_changed(e).await;
             }
             drop(i);
-            sync_snapshots(&server, &handle, Some(&last), &now).await;
+            sync_snapshots(&server, &service, &handle, Some(&last), &now).await;
             last = now;
         }
     });

@@ -1,7 +1,16 @@
 //! `org.vmsnap.VmSnap1.Snapshot` objects, one per snapshot record, kept in step with the
 //! domain's snapshot map.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use vmsnap_dbus::names::option;
+use zbus::OwnedVariant;
+use zbus::message::Header;
+
+use super::job::run_job;
+use super::options::Options;
+use crate::service::Service;
 
 use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{NO_OBJECT, domain_path, snapshot_path};
@@ -13,6 +22,7 @@ use crate::snapshot::record;
 
 /// The D-Bus face of a snapshot.
 pub struct SnapshotIface {
+    service: Arc<Service>,
     handle: DomainHandle,
     id: SnapshotId,
 }
@@ -42,6 +52,106 @@ fn children(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
 
 #[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
 impl SnapshotIface {
+    /// Reverts the domain to this snapshot (a job). Options: `running` (b) or `paused` (b) to
+    /// choose the state to end in instead of the snapshot's, `async` (b). Internal snapshots
+    /// revert in place when the configuration is unchanged; snapshots with external files are
+    /// refused with `Unsupported` for now.
+    async fn revert(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse(
+            "Revert",
+            options,
+            &[option::RUNNING, option::PAUSED, option::ASYNC],
+        )?;
+        let running = match (opts.bool(option::RUNNING)?, opts.bool(option::PAUSED)?) {
+            (Some(true), Some(true)) => {
+                return Err(Error::InvalidArgument(
+                    "options running and paused exclude each other".into(),
+                ));
+            }
+            (Some(true), _) => Some(true),
+            (_, Some(true)) => Some(false),
+            _ => None,
+        };
+        let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let job = self
+            .service
+            .jobs
+            .create("revert", self.handle.id().0, &caller(&header));
+        let handle = self.handle.clone();
+        let id = self.id;
+        let server2 = server.clone();
+        let (path, rx) = run_job(server, &self.service, job, async move {
+            handle.revert(id, running).await?;
+            let p = obj(snapshot_path(handle.id().0, id.0));
+            if let Ok(iface) = server2
+                .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
+                .await
+            {
+                let _ =
+                    super::domain::DomainIface::reverted(iface.signal_emitter(), p.as_ref()).await;
+            }
+            Ok(p)
+        })
+        .await?;
+        if is_async {
+            return Ok(path);
+        }
+        rx.await
+            .map_err(|_| Error::Failed("the revert job ended without a result".into()))?
+    }
+
+    /// Deletes this snapshot (a job). Options: `metadata-only` (b: forget the record, keep every
+    /// file), `async` (b). Children are re-parented to this snapshot's parent; when this was
+    /// current, its parent becomes current.
+    async fn delete(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse("Delete", options, &[option::METADATA_ONLY, option::ASYNC])?;
+        let metadata_only = opts.bool(option::METADATA_ONLY)?.unwrap_or(false);
+        let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let job = self
+            .service
+            .jobs
+            .create("delete-snapshot", self.handle.id().0, &caller(&header));
+        let handle = self.handle.clone();
+        let id = self.id;
+        let server2 = server.clone();
+        let service = self.service.clone();
+        let (path, rx) = run_job(server, &self.service, job, async move {
+            let before = handle.info();
+            handle.delete_snapshot(id, metadata_only).await?;
+            let now = handle.info();
+            sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
+            let p = obj(snapshot_path(handle.id().0, id.0));
+            if let Ok(iface) = server2
+                .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
+                .await
+            {
+                let _ = super::domain::DomainIface::snapshot_deleted(
+                    iface.signal_emitter(),
+                    p.as_ref(),
+                )
+                .await;
+            }
+            Ok(())
+        })
+        .await?;
+        if is_async {
+            return Ok(path);
+        }
+        rx.await
+            .map_err(|_| Error::Failed("the delete job ended without a result".into()))??;
+        Ok(obj(NO_OBJECT.to_string()))
+    }
+
     /// The snapshot as libvirt `<domainsnapshot>` XML (with the domain's definition at the time).
     async fn get_xml(&self) -> Result<String, Error> {
         let info = self.handle.info();
@@ -166,6 +276,7 @@ impl SnapshotIface {
 /// properties that changed since `last`.
 pub async fn sync_snapshots(
     server: &ObjectServer,
+    service: &Arc<Service>,
     handle: &DomainHandle,
     last: Option<&DomainInfo>,
     now: &DomainInfo,
@@ -190,6 +301,7 @@ pub async fn sync_snapshots(
                 .at(
                     path.as_str(),
                     SnapshotIface {
+                        service: service.clone(),
                         handle: handle.clone(),
                         id: *new,
                     },
@@ -236,4 +348,8 @@ pub async fn sync_snapshots(
             let _ = i.status_changed(e).await;
         }
     }
+}
+
+fn caller(header: &Header<'_>) -> String {
+    header.sender().map(|s| s.to_string()).unwrap_or_default()
 }

@@ -72,6 +72,16 @@ type Reply<T> = oneshot::Sender<ServiceResult<T>>;
 
 /// A request to a domain's actor.
 enum Request {
+    Revert {
+        snapshot: SnapshotId,
+        running: Option<bool>,
+        reply: Reply<()>,
+    },
+    DeleteSnapshot {
+        snapshot: SnapshotId,
+        metadata_only: bool,
+        reply: Reply<()>,
+    },
     Start {
         paused: bool,
         reply: Reply<()>,
@@ -250,6 +260,31 @@ impl DomainHandle {
         .await
     }
 
+    /// Reverts the domain to a snapshot; `running` overrides the state the snapshot recorded
+    /// (`Some(true)` running, `Some(false)` paused).
+    pub async fn revert(&self, snapshot: SnapshotId, running: Option<bool>) -> ServiceResult<()> {
+        self.call(|reply| Request::Revert {
+            snapshot,
+            running,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a snapshot; with `metadata_only` only its record is forgotten.
+    pub async fn delete_snapshot(
+        &self,
+        snapshot: SnapshotId,
+        metadata_only: bool,
+    ) -> ServiceResult<()> {
+        self.call(|reply| Request::DeleteSnapshot {
+            snapshot,
+            metadata_only,
+            reply,
+        })
+        .await
+    }
+
     /// Stops serving the domain, leaving its guest as it is. Returns once the actor ended.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
@@ -281,11 +316,11 @@ struct PendingDetach {
     reply: Option<Reply<()>>,
 }
 
-struct Actor {
-    shared: Shared,
-    info: watch::Sender<DomainInfo>,
+pub(super) struct Actor {
+    pub(super) shared: Shared,
+    pub(super) info: watch::Sender<DomainInfo>,
     rx: mpsc::Receiver<Request>,
-    qmp: Option<Qmp>,
+    pub(super) qmp: Option<Qmp>,
     events: Option<broadcast::Receiver<Event>>,
     exit_rx: Option<oneshot::Receiver<std::io::Result<std::process::ExitStatus>>>,
     pid: Option<i32>,
@@ -431,15 +466,15 @@ fn cmdline_mentions(pid: i32, needle: &Path) -> bool {
 }
 
 impl Actor {
-    fn name(&self) -> String {
+    pub(super) fn name(&self) -> String {
         self.info.borrow().def.name.clone()
     }
 
-    fn state(&self) -> GuestState {
+    pub(super) fn state(&self) -> GuestState {
         self.info.borrow().state
     }
 
-    fn apply(&self, event: GuestEvent) {
+    pub(super) fn apply(&self, event: GuestEvent) {
         self.info.send_if_modified(|i| {
             let next = i.state.transition(event);
             let changed = next != i.state;
@@ -451,19 +486,19 @@ impl Actor {
         });
     }
 
-    fn id(&self) -> DomainId {
+    pub(super) fn id(&self) -> DomainId {
         self.info.borrow().id
     }
 
-    fn kind(&self) -> DomainKind {
+    pub(super) fn kind(&self) -> DomainKind {
         self.info.borrow().kind
     }
 
-    fn runtime_dir(&self) -> PathBuf {
+    pub(super) fn runtime_dir(&self) -> PathBuf {
         self.shared.config.domain_runtime_dir(self.id().0)
     }
 
-    fn paths(&self) -> LaunchPaths {
+    pub(super) fn paths(&self) -> LaunchPaths {
         let dir = self.runtime_dir();
         LaunchPaths {
             qmp_socket: dir.join("qmp.sock"),
@@ -480,7 +515,7 @@ impl Actor {
             .join(self.id().0.to_string())
     }
 
-    fn qmp(&self) -> ServiceResult<&Qmp> {
+    pub(super) fn qmp(&self) -> ServiceResult<&Qmp> {
         self.qmp.as_ref().ok_or_else(|| {
             ServiceError::InvalidState(format!("domain {:?} is not running", self.name()))
         })
@@ -656,6 +691,22 @@ impl Actor {
                 let r = self.create_snapshot(*req, origin, &job).await;
                 let _ = reply.send(r);
             }
+            Request::Revert {
+                snapshot,
+                running,
+                reply,
+            } => {
+                let r = self.revert(snapshot, running).await;
+                let _ = reply.send(r);
+            }
+            Request::DeleteSnapshot {
+                snapshot,
+                metadata_only,
+                reply,
+            } => {
+                let r = self.delete_snapshot(snapshot, metadata_only).await;
+                let _ = reply.send(r);
+            }
             Request::Stop { .. } => unreachable!("handled by the loop"),
         }
     }
@@ -789,7 +840,7 @@ impl Actor {
         }
     }
 
-    async fn start(&mut self, paused: bool) -> ServiceResult<()> {
+    pub(super) async fn start(&mut self, paused: bool) -> ServiceResult<()> {
         let name = self.name();
         if self.kind() == DomainKind::Attached {
             return Err(ServiceError::Unsupported(format!(
@@ -901,7 +952,7 @@ impl Actor {
         Ok(())
     }
 
-    async fn destroy(&mut self) -> ServiceResult<()> {
+    pub(super) async fn destroy(&mut self) -> ServiceResult<()> {
         let name = self.name();
         if !self.state().is_active() {
             return Err(ServiceError::InvalidState(format!(
@@ -1122,7 +1173,7 @@ impl Actor {
         Ok(id)
     }
 
-    fn persist_def(&self, def: &DomainDef) -> ServiceResult<()> {
+    pub(super) fn persist_def(&self, def: &DomainDef) -> ServiceResult<()> {
         let xml = def.to_xml();
         self.shared
             .catalog

@@ -4,4 +4,5 @@
 pub mod actor;
 pub mod def;
 pub mod qemu_cmd;
+mod revert;
 pub mod state;

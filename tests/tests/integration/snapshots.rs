@@ -383,12 +383,11 @@ async fn snapshot_external_checkpoint_saves_ram_to_file_with_progress() {
     // Progress: the job's BytesDone was announced, growing, with a total.
     let mut seen: Vec<u64> = Vec::new();
     for s in rec.events() {
-        if let Some(pc) = s.properties_changed() {
-            if let Some(v) = pc.changed.get("BytesDone") {
-                if let Ok(n) = u64::try_from(v) {
-                    seen.push(n);
-                }
-            }
+        if let Some(pc) = s.properties_changed()
+            && let Some(v) = pc.changed.get("BytesDone")
+            && let Ok(n) = u64::try_from(v)
+        {
+            seen.push(n);
         }
     }
     assert!(!seen.is_empty(), "BytesDone was announced");
@@ -556,5 +555,5 @@ async fn snapshot_refusals_change_nothing() {
     }
     std::fs::remove_file(&existing).unwrap();
     assert_eq!(files_in(&env.images_dir()), before_files);
-    assert_eq!(std::fs::read(&existing).is_err(), true);
+    assert!(std::fs::read(&existing).is_err());
 }

@@ -1,0 +1,217 @@
+//! Revert and delete of internal snapshots through the real daemon, bus, QEMU and client: in
+//! place without a new QEMU, with the configuration rolled back, and the tree kept in order.
+//! Snapshots with external files are refused for now and change nothing.
+
+use std::path::{Path, PathBuf};
+
+use vmsnap_tests::{
+    COUNTER_ADDR, Deadline, DiskSpec, TestEnv, counter_boot_qcow2, domain_xml, poll_until,
+    qemu_img_create, qemu_img_snapshots, qemu_io_verify_pattern,
+};
+
+const OFF: u64 = 512 * 1024;
+
+fn setup(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {
+    let a = env.images_dir().join("vda.qcow2");
+    counter_boot_qcow2(&a);
+    let b = env.images_dir().join("vdb.qcow2");
+    qemu_img_create(&b, "qcow2", "16M");
+    let xml = domain_xml(
+        name,
+        &[
+            DiskSpec::new(&a, "qcow2", "vda"),
+            DiskSpec::new(&b, "qcow2", "vdb"),
+        ],
+    );
+    let f = env.write_xml(&format!("{name}.xml"), &xml);
+    env.client.ok(["domain", "define", f.to_str().unwrap()]);
+    (a, b)
+}
+
+fn hmp(env: &TestEnv, dom: &str, cmd: &str) -> String {
+    env.client.ok(["domain", "monitor", dom, "--hmp", cmd])
+}
+
+fn counter(env: &TestEnv, dom: &str) -> u32 {
+    let out = hmp(env, dom, &format!("xp /1wx 0x{COUNTER_ADDR:x}"));
+    vmsnap_tests::guest::parse_xp_word(&out).unwrap()
+}
+
+fn write(env: &TestEnv, dom: &str, node: &str, pattern: u8) {
+    let out = hmp(
+        env,
+        dom,
+        &format!("qemu-io {node} \"write -P 0x{pattern:02x} {OFF} 4096\""),
+    );
+    assert!(!out.contains("rror"), "{out}");
+}
+
+fn qemu_pid(env: &TestEnv) -> String {
+    std::fs::read_to_string(env.dir().join("run/domains/1/qemu.pid")).unwrap()
+}
+
+fn has_open(pid: &str, file: &Path) -> bool {
+    std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).ok().as_deref() == Some(file))
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_internal_checkpoint_in_place_restores_ram_and_disks() {
+    let env = TestEnv::start();
+    let (a, b) = setup(&env, "rv");
+    env.client.ok(["domain", "start", "rv"]);
+    poll_until(Deadline::step(), "counting", || {
+        (counter(&env, "rv") != 0).then_some(())
+    });
+    write(&env, "rv", "drive-vdb", 0xa1);
+    env.client.ok(["domain", "pause", "rv"]);
+    let saved = counter(&env, "rv");
+    env.client.ok(["create", "rv", "--name", "cp"]);
+    write(&env, "rv", "drive-vdb", 0xb2);
+    env.client.ok(["domain", "resume", "rv"]);
+    poll_until(Deadline::step(), "the counter to move on", || {
+        (counter(&env, "rv") != saved).then_some(())
+    });
+    let pid = qemu_pid(&env);
+    let v = env.client.json(["revert", "rv", "cp"]);
+    assert_eq!(v["state"], "paused", "the snapshot was taken paused");
+    assert_eq!(
+        qemu_pid(&env),
+        pid,
+        "reverted in place: the same QEMU process"
+    );
+    assert_eq!(counter(&env, "rv"), saved, "RAM is the saved one");
+    let info = env.client.json(["info", "rv", "cp"]);
+    assert_eq!(info["current"], true);
+    // Reverting again to running state works too.
+    env.client.ok(["revert", "rv", "cp", "--running"]);
+    assert_eq!(
+        env.client.json(["domain", "info", "rv"])["state"],
+        "running"
+    );
+    env.client.ok(["domain", "destroy", "rv"]);
+    assert!(
+        qemu_io_verify_pattern(&b, "qcow2", 0xa1, OFF, 4096),
+        "the disk is back at the snapshot"
+    );
+    assert_eq!(
+        qemu_img_snapshots(&a).len(),
+        1,
+        "the snapshot itself is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_rolls_back_configuration_of_running_guest() {
+    let env = TestEnv::start();
+    let (_a, _b) = setup(&env, "cfg");
+    env.client.ok(["domain", "start", "cfg"]);
+    env.client.ok(["create", "cfg", "--name", "before-disk"]);
+    let extra = env.images_dir().join("extra.raw");
+    qemu_img_create(&extra, "raw", "8M");
+    let disk = env.write_xml("disk.xml", &DiskSpec::new(&extra, "raw", "sdb").xml());
+    env.client
+        .ok(["domain", "attach-disk", "cfg", disk.to_str().unwrap()]);
+    assert!(has_open(&qemu_pid(&env), &extra));
+    env.client.ok(["revert", "cfg", "before-disk"]);
+    let xml = env.client.ok(["domain", "dumpxml", "cfg"]);
+    assert!(
+        !xml.contains("extra.raw"),
+        "the disk added after the snapshot is gone: {xml}"
+    );
+    let pid = qemu_pid(&env);
+    assert!(
+        !has_open(&pid, &extra),
+        "and the running QEMU does not have it"
+    );
+    assert_eq!(
+        env.client.json(["domain", "info", "cfg"])["state"],
+        "running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_offline_checkpoint_restores_disks_and_config_and_stays_off() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "off");
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0xa1, OFF, 4096);
+    env.client.ok(["create", "off", "--name", "o1"]);
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0xb2, OFF, 4096);
+    let c = env.images_dir().join("c.qcow2");
+    qemu_img_create(&c, "qcow2", "8M");
+    let disk = env.write_xml("disk.xml", &DiskSpec::new(&c, "qcow2", "vdc").xml());
+    env.client
+        .ok(["domain", "attach-disk", "off", disk.to_str().unwrap()]);
+    env.client.ok(["revert", "off", "o1"]);
+    assert_eq!(
+        env.client.json(["domain", "info", "off"])["state"],
+        "shutoff"
+    );
+    assert!(qemu_io_verify_pattern(&b, "qcow2", 0xa1, OFF, 4096));
+    assert!(
+        !env.client
+            .ok(["domain", "dumpxml", "off"])
+            .contains("c.qcow2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_internal_snapshots_live_and_offline_keeps_tree_in_order() {
+    let env = TestEnv::start();
+    let (a, b) = setup(&env, "del");
+    env.client.ok(["create", "del", "--name", "s1"]);
+    env.client.ok(["domain", "start", "del"]);
+    env.client.ok(["create", "del", "--name", "s2"]);
+    env.client.ok(["create", "del", "--name", "s3"]);
+    assert_eq!(env.client.json(["info", "del", "s3"])["parent"], "s2");
+    // Delete a middle snapshot live: its child moves up to its parent.
+    env.client.ok(["delete", "del", "s2"]);
+    assert_eq!(env.client.json(["info", "del", "s3"])["parent"], "s1");
+    let tags =
+        |p: &Path| -> Vec<String> { qemu_img_snapshots(p).into_iter().map(|(_, t)| t).collect() };
+    assert_eq!(tags(&a), vec!["s1", "s3"]);
+    assert_eq!(tags(&b), vec!["s1", "s3"]);
+    // Delete the current snapshot: its parent becomes current.
+    env.client.ok(["delete", "del", "s3"]);
+    assert_eq!(env.client.json(["info", "del", "s1"])["current"], true);
+    env.client.ok(["domain", "destroy", "del"]);
+    // Offline delete, then metadata-only keeps the files.
+    env.client.ok(["create", "del", "--name", "s4"]);
+    env.client.ok(["delete", "del", "s1"]);
+    assert_eq!(tags(&a), vec!["s4"]);
+    env.client.ok(["delete", "del", "s4", "--metadata-only"]);
+    assert_eq!(tags(&a), vec!["s4"], "metadata-only keeps the data");
+    assert_eq!(env.client.json(["list", "del"]), serde_json::json!([]));
+    // Ids are not reused: a new snapshot gets a new object path.
+    let v = env.client.json(["create", "del", "--name", "s5"]);
+    assert!(v["path"].as_str().unwrap().ends_with("/snapshot/5"), "{v}");
+    let (code, _) = env.client.err(["delete", "del", "s4"]);
+    assert_eq!(code, 3, "a forgotten snapshot is not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_or_delete_of_external_snapshot_is_refused_and_changes_nothing() {
+    let env = TestEnv::start();
+    let (_a, _b) = setup(&env, "ext");
+    env.client.ok(["domain", "start", "ext"]);
+    env.client
+        .ok(["create", "ext", "--name", "x", "--disk-only"]);
+    let before = env.client.json(["list", "ext"]);
+    let xml = env.client.ok(["domain", "dumpxml", "ext"]);
+    let pid = qemu_pid(&env);
+    let (code, err) = env.client.err(["revert", "ext", "x"]);
+    assert_eq!(code, 8, "{err}");
+    let (code, err) = env.client.err(["delete", "ext", "x"]);
+    assert_eq!(code, 8, "{err}");
+    assert_eq!(env.client.json(["list", "ext"]), before);
+    assert_eq!(env.client.ok(["domain", "dumpxml", "ext"]), xml);
+    assert_eq!(qemu_pid(&env), pid);
+    assert_eq!(
+        env.client.json(["domain", "info", "ext"])["state"],
+        "running"
+    );
+}
