@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Instant;
 
 use proptest::prelude::*;
 use serde_json::json;
@@ -501,7 +500,7 @@ fn corrupt_json_is_reported() {
 }
 
 #[test]
-fn listing_ten_thousand_snapshots_is_fast() {
+fn listing_ten_thousand_snapshots_after_reopen_returns_them_all_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut cat = Catalog::open(dir.path()).unwrap();
     let d = cat.insert_domain(&new_domain("web")).unwrap().id;
@@ -520,19 +519,12 @@ fn listing_ten_thousand_snapshots_is_fast() {
     .unwrap();
     drop(cat);
     let cat = Catalog::open(dir.path()).unwrap();
-    // Best of three, so that a busy machine does not fail the test; the real measure is a
-    // release-mode benchmark.
-    let mut elapsed = std::time::Duration::MAX;
-    let mut list = Vec::new();
-    for _ in 0..3 {
-        let start = Instant::now();
-        list = cat.snapshots(d).unwrap();
-        elapsed = elapsed.min(start.elapsed());
-    }
+    // Speed is measured by the benchmarks, not here: this checks the result at that scale.
+    let list = cat.snapshots(d).unwrap();
     assert_eq!(list.len(), 10_000);
     assert!(list.windows(2).all(|w| w[0].created_at <= w[1].created_at));
-    eprintln!("listed 10,000 snapshots in {elapsed:?}");
-    assert!(elapsed.as_secs_f64() < 0.5, "listing took {elapsed:?}");
+    assert!(list.windows(2).all(|w| w[1].parent == Some(w[0].id)));
+    assert_eq!(cat.all_snapshots().unwrap().len(), 10_000);
 }
 
 /// One step of the property test; indices pick among existing snapshots/domains modulo length.
