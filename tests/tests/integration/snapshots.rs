@@ -557,3 +557,218 @@ async fn snapshot_refusals_change_nothing() {
     assert_eq!(files_in(&env.images_dir()), before_files);
     assert!(std::fs::read(&existing).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_live_external_checkpoint_is_consistent_and_guest_keeps_running() {
+    let env = TestEnv::start();
+    let (a, b) = two_disks(&env, "qcow2");
+    let d = Dom::define(&env, "live", &specs(&a, &b, "qcow2"), 64);
+    d.vmsnap(&["domain", "start", "live"]);
+    wait_counting(&d);
+    d.write("vdb", 0xb1, 0, MIB);
+    let mem = env.images_dir().join("live.mem");
+    let v = env.client.json([
+        "create",
+        "live",
+        "--name",
+        "l1",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+        "--live",
+    ]);
+    assert_eq!(v["state"], "running");
+    assert_eq!(
+        d.info()["state"],
+        "running",
+        "a live save leaves the guest running"
+    );
+    let c = d.counter();
+    poll_until(Deadline::step(), "the guest to count on", || {
+        (d.counter() != c).then_some(())
+    });
+    // The disks were switched at the memory's instant: the base images are what the saved
+    // RAM goes with, and a QEMU of our own resumes from them.
+    let argv = d.qemu_argv();
+    d.vmsnap(&["domain", "destroy", "live"]);
+    assert!(qemu_io_verify_pattern(&b, "qcow2", 0xb1, 0, MIB));
+    let (_child, mut qmp) = own_qemu(
+        env.dir(),
+        &argv,
+        &["-incoming", &format!("exec:cat {}", mem.display())],
+    );
+    poll_until(Deadline::step(), "the incoming migration to finish", || {
+        (qmp.status() == "paused").then_some(())
+    });
+    assert_ne!(qmp.read_counter(), 0, "the saved guest had been counting");
+}
+
+/// The RFC's (checkpoint, internal disks, external VM state), and the choice of the disk that
+/// holds internal VM state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_internal_disks_with_external_memory_and_chosen_vmstate_disk() {
+    let env = TestEnv::start();
+    let (a, b) = two_disks(&env, "qcow2");
+    let d = Dom::define(&env, "rfc", &specs(&a, &b, "qcow2"), 64);
+    d.vmsnap(&["domain", "start", "rfc"]);
+    let mem = env.images_dir().join("rfc.mem");
+    let v = env.client.json([
+        "create",
+        "rfc",
+        "--name",
+        "ie",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+        "--disk",
+        "vda=internal",
+        "--disk",
+        "vdb=internal",
+    ]);
+    let modes: Vec<&str> = v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(modes, vec!["internal", "internal"]);
+    assert_eq!(v["memory"]["mode"], "external");
+    assert!(std::fs::metadata(&mem).unwrap().len() > 0);
+    let tags =
+        |p: &Path| -> Vec<String> { qemu_img_snapshots(p).into_iter().map(|(_, t)| t).collect() };
+    assert_eq!(tags(&a), vec!["ie"]);
+    assert_eq!(tags(&b), vec!["ie"]);
+    // Internal VM state in the second disk when asked.
+    let v = env
+        .client
+        .json(["create", "rfc", "--name", "vs", "--vmstate-disk", "vdb"]);
+    assert_eq!(v["memory"]["where"], "vdb");
+    assert_eq!(d.info()["state"], "running");
+    d.vmsnap(&["domain", "destroy", "rfc"]);
+    let info = qemu_img_info(&b);
+    let vs = info[0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "vs")
+        .unwrap()
+        .clone();
+    assert!(
+        vs["vm-state-size"].as_u64().unwrap() > 0,
+        "vdb holds the VM state: {vs}"
+    );
+    let info = qemu_img_info(&a);
+    let va = info[0]["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "vs")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        va["vm-state-size"].as_u64().unwrap(),
+        0,
+        "vda holds disk data only: {va}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_disk_only_of_paused_guest_keeps_it_paused() {
+    let env = TestEnv::start();
+    let (a, b) = two_disks(&env, "qcow2");
+    let d = Dom::define(&env, "pd", &specs(&a, &b, "qcow2"), 64);
+    d.vmsnap(&["domain", "start", "pd", "--paused"]);
+    d.write("vdb", 0xb1, 0, 4096);
+    let v = env
+        .client
+        .json(["create", "pd", "--name", "p1", "--disk-only"]);
+    assert_eq!(v["state"], "disk-snapshot");
+    assert_eq!(d.info()["state"], "paused");
+    d.write("vdb", 0xb2, 0, 4096);
+    d.vmsnap(&["domain", "destroy", "pd"]);
+    assert!(qemu_io_verify_pattern(&b, "qcow2", 0xb1, 0, 4096));
+    let ob = PathBuf::from(v["disks"][1]["overlay"].as_str().unwrap());
+    assert!(qemu_io_verify_pattern(&ob, "qcow2", 0xb2, 0, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_disk_writes_are_discarded_and_snapshots_leave_it_out() {
+    let env = TestEnv::start();
+    let (a, b) = two_disks(&env, "qcow2");
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0xb1, 0, 4096);
+    let xml = domain_xml("tr", &specs(&a, &b, "qcow2")).replace(
+        "<target dev='vdb' bus='virtio'/>",
+        "<target dev='vdb' bus='virtio'/><transient/>",
+    );
+    let f = env.write_xml("tr.xml", &xml);
+    env.client.ok(["domain", "define", f.to_str().unwrap()]);
+    let d = Dom {
+        env: &env,
+        name: "tr".into(),
+    };
+    d.vmsnap(&["domain", "start", "tr"]);
+    let overlay_dir = env.dir().join("state/transient/1");
+    assert!(
+        overlay_dir.join("vdb.qcow2").exists(),
+        "the throwaway overlay is in the state dir"
+    );
+    d.write("vdb", 0xb2, 0, 4096);
+    let v = env
+        .client
+        .json(["create", "tr", "--name", "t1", "--disk-only"]);
+    let modes: Vec<&str> = v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["mode"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        modes,
+        vec!["external", "no"],
+        "the transient disk is left out"
+    );
+    d.vmsnap(&["domain", "destroy", "tr"]);
+    assert!(
+        qemu_io_verify_pattern(&b, "qcow2", 0xb1, 0, 4096),
+        "writes to a transient disk are discarded"
+    );
+    assert!(!overlay_dir.exists(), "the overlay is removed at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_unknown_or_mistyped_option_is_refused_over_dbus() {
+    let env = TestEnv::start();
+    let (a, b) = two_disks(&env, "qcow2");
+    let _d = Dom::define(&env, "opt", &specs(&a, &b, "qcow2"), 64);
+    let conn = env.connect().await;
+    let d = vmsnap_dbus::proxy::DomainProxy::builder(&conn)
+        .path(vmsnap_dbus::names::domain_path(1))
+        .build()
+        .await
+        .unwrap();
+    let mut o = std::collections::HashMap::new();
+    o.insert("memroy", zbus::Variant::from("internal"));
+    let e = d.create_snapshot("x", "", o).await.unwrap_err();
+    assert!(
+        matches!(&e, vmsnap_dbus::Error::InvalidArgument(m) if m.contains("memroy")),
+        "{e:?}"
+    );
+    let mut o = std::collections::HashMap::new();
+    o.insert("disk-only", zbus::Variant::from("yes"));
+    let e = d.create_snapshot("x", "", o).await.unwrap_err();
+    assert!(
+        matches!(&e, vmsnap_dbus::Error::InvalidArgument(m) if m.contains("disk-only")),
+        "{e:?}"
+    );
+    let mut o = std::collections::HashMap::new();
+    o.insert("disks", zbus::Variant::from("vda=internal"));
+    let e = d.create_snapshot("x", "", o).await.unwrap_err();
+    assert!(
+        matches!(e, vmsnap_dbus::Error::InvalidArgument(_)),
+        "a string where an array is due"
+    );
+    assert!(d.list_snapshots().await.unwrap().is_empty());
+    assert!(qemu_img_snapshots(&a).is_empty());
+}
