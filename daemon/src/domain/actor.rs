@@ -841,6 +841,12 @@ impl Actor {
     }
 
     pub(super) async fn start(&mut self, paused: bool) -> ServiceResult<()> {
+        self.start_with(paused, false).await
+    }
+
+    /// Starts QEMU; with `incoming` it waits for `migrate-incoming` (and stays paused).
+    pub(super) async fn start_with(&mut self, paused: bool, incoming: bool) -> ServiceResult<()> {
+        let paused = paused || incoming;
         let name = self.name();
         if self.kind() == DomainKind::Attached {
             return Err(ServiceError::Unsupported(format!(
@@ -867,7 +873,7 @@ impl Actor {
         self.discard_transient_overlays();
         let mut opts = LaunchOptions {
             paused: true,
-            incoming_defer: false,
+            incoming_defer: incoming,
             transient_overlays: Default::default(),
         };
         for disk in def.disks.iter().filter(|d| d.transient) {

@@ -1,20 +1,28 @@
-//! Reverting to and deleting snapshots, for the cases whose data lives inside the images
-//! (internal snapshots), and forgetting records.
+//! Reverting to snapshots, deleting internal snapshots, and forgetting records.
 //!
-//! Revert of an internal checkpoint loads the VM state in the running QEMU (`snapshot-load`)
-//! when the configuration is unchanged, without restarting QEMU; otherwise QEMU is restarted
-//! with the snapshot's configuration and the state loaded into it. Disk-only and offline
-//! snapshots revert the images with `qemu-img snapshot -a` and leave the domain shut off
-//! (or start it when asked). Snapshots that involve external files are refused here with
-//! `Unsupported`, before any change: external revert and delete keep other snapshots valid
-//! through new overlays and merges, which this module does not do yet.
+//! Revert never writes to an image that another snapshot or the active chain depends on:
+//! - internal checkpoint, unchanged configuration, guest running: `snapshot-load` in place,
+//!   no new QEMU;
+//! - internal snapshots otherwise: `qemu-img snapshot -a` on the images (refused when an image
+//!   has become the backing file of an overlay), the snapshot's configuration, and for a
+//!   checkpoint a new QEMU into which the state is loaded;
+//! - external disks: a new overlay on top of the snapshot's image for each disk (a branch), so
+//!   the snapshot and its children stay valid; external VM state is loaded into a new QEMU
+//!   started with `-incoming defer`.
+//! Every check (files present, tags present, nothing depending on an image to be written) is
+//! made before the first change. Deleting snapshots with external files needs merges that keep
+//! every branch valid and is refused with `Unsupported` for now.
 
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
 use tracing::info;
 
 use super::actor::{Actor, qemu_img};
+use std::os::unix::fs::OpenOptionsExt;
+
 use super::def::DomainDef;
 use super::state::{GuestEvent, GuestState};
 use crate::catalog::{DomainKind, SnapshotId, SnapshotRecord};
@@ -24,6 +32,90 @@ use crate::snapshot::create::wait_job_concluded;
 use crate::snapshot::record::{self, DiskRecord};
 
 /// How a record can be reverted or deleted by this module.
+/// A new overlay path beside `base`, named after the snapshot, that does not exist yet.
+fn fresh_overlay_path(base: &Path, snapshot: &str) -> ServiceResult<PathBuf> {
+    let dir = base.parent().unwrap_or(Path::new("/"));
+    let stem = base
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tag: String = snapshot
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    for n in 1..1000 {
+        let p = dir.join(format!("{stem}.{tag}.branch{n}.qcow2"));
+        if !p.exists() {
+            return Ok(p);
+        }
+    }
+    Err(ServiceError::AlreadyExists(format!(
+        "no free name for a new overlay of {} in {}",
+        base.display(),
+        dir.display()
+    )))
+}
+
+/// Loads VM state from `file` into a QEMU started with `-incoming defer`.
+async fn load_incoming(qmp: &Qmp, file: &Path) -> ServiceResult<()> {
+    let f = std::fs::File::open(file)
+        .map_err(ServiceError::io(format!("cannot open {}", file.display())))?;
+    qmp.execute_with_fd(
+        "getfd",
+        Some(json!({"fdname": "vmsnap-incoming"})),
+        f.as_fd(),
+    )
+    .await
+    .map_err(ServiceError::qemu("cannot hand the memory file to QEMU"))?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({"uri": "fd:vmsnap-incoming"})),
+    )
+    .await
+    .map_err(ServiceError::qemu("cannot load the VM state"))?;
+    let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
+    loop {
+        let st = qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(ServiceError::qemu("cannot follow the VM state load"))?;
+        match st
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("")
+        {
+            "completed" => return Ok(()),
+            "failed" | "cancelled" => {
+                return Err(ServiceError::Qemu {
+                    context: "loading the VM state failed".into(),
+                    source: crate::qmp::QmpError::Command {
+                        class: "GenericError".into(),
+                        desc: st
+                            .get("error-desc")
+                            .and_then(serde_json::Value::as_str)
+                            .unwrap_or("unknown")
+                            .into(),
+                        command: "migrate-incoming".into(),
+                    },
+                });
+            }
+            _ => {}
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(ServiceError::Timeout(
+                "loading the VM state took too long".into(),
+            ));
+        }
+        tokio::time::sleep(crate::snapshot::create::MIGRATE_POLL).await;
+    }
+}
+
 fn internal_only(rec: &SnapshotRecord, verb: &str) -> ServiceResult<Vec<DiskRecord>> {
     let disks = record::disks(rec);
     let mem = record::memory(rec);
@@ -112,8 +204,14 @@ impl Actor {
                 "domain {name:?} is attached: reverting needs a QEMU that vmsnapd manages"
             )));
         }
-        let disks = internal_only(&rec, "revert")?;
+        let all_disks = record::disks(&rec);
+        let disks: Vec<DiskRecord> = all_disks
+            .iter()
+            .filter(|d| d.mode == "internal")
+            .cloned()
+            .collect();
         self.check_internal_tags(&rec, &disks).await?;
+        self.check_revert_files(&rec, &all_disks).await?;
         let snap_def = DomainDef::from_xml(&rec.domain_xml).map_err(|e| {
             ServiceError::InvalidState(format!(
                 "snapshot {:?} holds an unreadable definition: {e}",
@@ -121,6 +219,11 @@ impl Actor {
             ))
         })?;
         let mem = record::memory(&rec);
+        if mem.mode == "external" || all_disks.iter().any(|d| d.mode == "external") {
+            return self
+                .revert_branch(&rec, snap_def, &all_disks, running)
+                .await;
+        }
         let with_state = mem.mode == "internal";
         // The state to end in: the snapshot's, unless the caller asked otherwise.
         let end_running = match (running, rec.state.as_str()) {
@@ -221,6 +324,246 @@ impl Actor {
         .await
         .map_err(ServiceError::qemu("cannot start loading the snapshot"))?;
         wait_job_concluded(qmp, &mut events, &job_id, "loading the snapshot").await
+    }
+
+    /// Checks, before any change, that the files a revert needs are there and that no image it
+    /// would write to is the backing file of something else.
+    async fn check_revert_files(
+        &self,
+        rec: &SnapshotRecord,
+        disks: &[DiskRecord],
+    ) -> ServiceResult<()> {
+        for d in disks.iter().filter(|d| d.mode != "no") {
+            if !d.data_file().exists() {
+                return Err(ServiceError::InvalidState(format!(
+                    "snapshot {:?} needs {}, which is missing",
+                    rec.name,
+                    d.data_file().display()
+                )));
+            }
+        }
+        let mem = record::memory(rec);
+        if let Some(f) = mem.file.as_ref().filter(|_| mem.mode == "external")
+            && !f.exists()
+        {
+            return Err(ServiceError::InvalidState(format!(
+                "snapshot {:?} needs its memory file {}, which is missing",
+                rec.name,
+                f.display()
+            )));
+        }
+        for d in disks.iter().filter(|d| d.mode == "internal") {
+            if self.image_has_dependents(&d.image).await? {
+                return Err(ServiceError::Unsupported(format!(
+                    "disk {} of snapshot {:?}: {} has become the backing file of a later \
+                     overlay, and reverting its internal snapshot would write to it",
+                    d.target,
+                    rec.name,
+                    d.image.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether some overlay (of a snapshot, or in the domain's active chains) is backed by
+    /// `image`.
+    async fn image_has_dependents(&self, image: &Path) -> ServiceResult<bool> {
+        let info = self.info.borrow().clone();
+        let taken_on = info.snapshots.values().any(|r| {
+            record::disks(r)
+                .iter()
+                .any(|d| d.mode == "external" && d.data_file() == image)
+        });
+        if taken_on {
+            return Ok(true);
+        }
+        for disk in &info.def.disks {
+            if disk.source == image {
+                continue;
+            }
+            let out = qemu_img(&[
+                "info".as_ref(),
+                "-U".as_ref(),
+                "--backing-chain".as_ref(),
+                "--output=json".as_ref(),
+                disk.source.as_os_str(),
+            ])
+            .await;
+            let Ok(out) = out else { continue };
+            let chain: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            let below = chain.as_array().into_iter().flatten().skip(1);
+            if below
+                .filter_map(|i| i["filename"].as_str())
+                .any(|f| Path::new(f) == image)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Reverts to a snapshot with external files: new overlays on the snapshot's images (a
+    /// branch), the snapshot's configuration, and its VM state loaded into a new QEMU.
+    async fn revert_branch(
+        &mut self,
+        rec: &SnapshotRecord,
+        snap_def: DomainDef,
+        disks: &[DiskRecord],
+        running: Option<bool>,
+    ) -> ServiceResult<()> {
+        let name = self.name();
+        let mem = record::memory(rec);
+        let end_running = match (running, rec.state.as_str()) {
+            (Some(r), _) => Some(r),
+            (None, "running") => Some(true),
+            (None, "paused") => Some(false),
+            (None, _) => None,
+        };
+        let old_def = self.info.borrow().def.clone();
+        if self.state().is_active() {
+            self.destroy().await?;
+        }
+        let mut created: Vec<PathBuf> = Vec::new();
+        let result = self
+            .branch_steps(rec, snap_def, disks, &mem, end_running, &mut created)
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(domain = %name, snapshot = %rec.name, error = %e, "revert failed; undoing");
+            if self.state().is_active() {
+                let _ = self.destroy().await;
+            }
+            for f in &created {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = self.persist_def(&old_def);
+            self.info.send_modify(|i| i.def = old_def);
+            return Err(ServiceError::InvalidState(format!(
+                "reverting domain {name:?} to {:?} failed and it was left shut off with its \
+                 previous configuration: {e}",
+                rec.name
+            )));
+        }
+        self.shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .set_current_snapshot(self.id(), Some(rec.id))?;
+        self.info.send_modify(|i| i.current_snapshot = Some(rec.id));
+        info!(domain = %name, snapshot = %rec.name, "reverted on new overlays");
+        Ok(())
+    }
+
+    async fn branch_steps(
+        &mut self,
+        rec: &SnapshotRecord,
+        snap_def: DomainDef,
+        disks: &[DiskRecord],
+        mem: &record::MemoryRecord,
+        end_running: Option<bool>,
+        created: &mut Vec<PathBuf>,
+    ) -> ServiceResult<()> {
+        let current = self.info.borrow().def.clone();
+        let mut def = snap_def;
+        for disk in def.disks.iter_mut() {
+            let Some(d) = disks.iter().find(|d| d.target == disk.target) else {
+                continue;
+            };
+            match d.mode.as_str() {
+                "external" => {
+                    let base = d.data_file().clone();
+                    let overlay = fresh_overlay_path(&base, &rec.name)?;
+                    drop(
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&overlay)
+                            .map_err(ServiceError::io(format!(
+                                "cannot create {}",
+                                overlay.display()
+                            )))?,
+                    );
+                    created.push(overlay.clone());
+                    let fmt = if d.format.is_empty() {
+                        disk.format.as_str().to_string()
+                    } else {
+                        d.format.clone()
+                    };
+                    qemu_img(&[
+                        "create".as_ref(),
+                        "-q".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-F".as_ref(),
+                        fmt.as_ref(),
+                        "-b".as_ref(),
+                        base.as_os_str(),
+                        overlay.as_os_str(),
+                    ])
+                    .await?;
+                    disk.source = overlay;
+                    disk.format = super::def::DiskFormat::Qcow2;
+                }
+                "internal" => {
+                    qemu_img(&[
+                        "snapshot".as_ref(),
+                        "-a".as_ref(),
+                        rec.name.as_ref(),
+                        d.image.as_os_str(),
+                    ])
+                    .await?;
+                }
+                _ => {
+                    // Not in the snapshot: the disk keeps its current state.
+                    if let Some(cur) = current.disk(&disk.target) {
+                        *disk = cur.clone();
+                    }
+                }
+            }
+        }
+        self.persist_def(&def)?;
+        self.info.send_modify(|i| i.def = def);
+        match mem.mode.as_str() {
+            "external" => {
+                let file = mem
+                    .file
+                    .clone()
+                    .expect("checked: external memory has a file");
+                self.start_with(true, true).await?;
+                let qmp = self.qmp()?.clone();
+                load_incoming(&qmp, &file).await?;
+                if end_running != Some(false) {
+                    qmp.cont()
+                        .await
+                        .map_err(ServiceError::qemu("cannot resume the guest"))?;
+                    self.apply(GuestEvent::Resumed);
+                }
+            }
+            "internal" => {
+                self.start(true).await?;
+                let qmp = self.qmp()?.clone();
+                let internal: Vec<DiskRecord> = disks
+                    .iter()
+                    .filter(|d| d.mode == "internal")
+                    .cloned()
+                    .collect();
+                self.load_internal(&qmp, rec, &internal, mem.vmstate_disk.as_deref())
+                    .await?;
+                if end_running != Some(false) {
+                    qmp.cont()
+                        .await
+                        .map_err(ServiceError::qemu("cannot resume the guest"))?;
+                    self.apply(GuestEvent::Resumed);
+                }
+            }
+            _ => {
+                if let Some(r) = end_running {
+                    self.start(!r).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(super) async fn delete_snapshot(

@@ -194,7 +194,7 @@ async fn delete_internal_snapshots_live_and_offline_keeps_tree_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revert_or_delete_of_external_snapshot_is_refused_and_changes_nothing() {
+async fn delete_of_external_snapshot_is_refused_and_changes_nothing() {
     let env = TestEnv::start();
     let (_a, _b) = setup(&env, "ext");
     env.client.ok(["domain", "start", "ext"]);
@@ -203,8 +203,6 @@ async fn revert_or_delete_of_external_snapshot_is_refused_and_changes_nothing() 
     let before = env.client.json(["list", "ext"]);
     let xml = env.client.ok(["domain", "dumpxml", "ext"]);
     let pid = qemu_pid(&env);
-    let (code, err) = env.client.err(["revert", "ext", "x"]);
-    assert_eq!(code, 8, "{err}");
     let (code, err) = env.client.err(["delete", "ext", "x"]);
     assert_eq!(code, 8, "{err}");
     assert_eq!(env.client.json(["list", "ext"]), before);
@@ -212,6 +210,167 @@ async fn revert_or_delete_of_external_snapshot_is_refused_and_changes_nothing() 
     assert_eq!(qemu_pid(&env), pid);
     assert_eq!(
         env.client.json(["domain", "info", "ext"])["state"],
+        "running"
+    );
+}
+
+/// The source of `target` in the domain's definition.
+fn source(env: &TestEnv, dom: &str, target: &str) -> PathBuf {
+    let v = env.client.json(["domain", "info", dom]);
+    let d = v["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["target"] == target)
+        .unwrap()
+        .clone();
+    PathBuf::from(d["file"].as_str().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_external_snapshots_branches_and_keeps_every_snapshot_valid() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "br");
+    env.client.ok(["domain", "start", "br"]);
+    write(&env, "br", "drive-vdb", 0xa1);
+    env.client
+        .ok(["create", "br", "--name", "s1", "--disk-only"]);
+    let o1 = source(&env, "br", "vdb");
+    let node = |env: &TestEnv| {
+        let v = env
+            .client
+            .json(["domain", "monitor", "br", r#"{"execute":"query-block"}"#]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["qdev"].as_str().unwrap_or("").contains("/vdb/"))
+            .unwrap()["inserted"]["node-name"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    write(&env, "br", &node(&env), 0xb2);
+    env.client
+        .ok(["create", "br", "--name", "s2", "--disk-only"]);
+    write(&env, "br", &node(&env), 0xc3);
+    // Back to s1: a new overlay on s1's image; s2's data (in o1) untouched.
+    let v = env.client.json(["revert", "br", "s1"]);
+    assert_eq!(
+        v["state"], "shutoff",
+        "a disk-only snapshot reverts to a shut-off domain"
+    );
+    let n1 = source(&env, "br", "vdb");
+    assert_ne!(n1, o1);
+    assert!(
+        qemu_io_verify_pattern(&n1, "qcow2", 0xa1, OFF, 4096),
+        "the branch starts at s1"
+    );
+    assert!(
+        qemu_io_verify_pattern(&o1, "qcow2", 0xb2, OFF, 4096),
+        "s2 keeps its data"
+    );
+    assert!(
+        qemu_io_verify_pattern(&b, "qcow2", 0xa1, OFF, 4096),
+        "s1's image is never written"
+    );
+    // A new snapshot on the branch is a child of s1.
+    env.client.ok(["domain", "start", "br"]);
+    write(&env, "br", &node(&env), 0xd4);
+    env.client
+        .ok(["create", "br", "--name", "s3", "--disk-only"]);
+    assert_eq!(env.client.json(["info", "br", "s3"])["parent"], "s1");
+    // Over to the other branch: s2.
+    env.client.ok(["revert", "br", "s2", "--running"]);
+    assert_eq!(
+        env.client.json(["domain", "info", "br"])["state"],
+        "running"
+    );
+    let n2 = source(&env, "br", "vdb");
+    env.client.ok(["domain", "destroy", "br"]);
+    assert!(
+        qemu_io_verify_pattern(&n2, "qcow2", 0xb2, OFF, 4096),
+        "the domain is at s2"
+    );
+    assert!(
+        qemu_io_verify_pattern(&n1, "qcow2", 0xd4, OFF, 4096),
+        "s3's data is intact"
+    );
+    assert!(qemu_io_verify_pattern(&b, "qcow2", 0xa1, OFF, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_external_checkpoint_loads_ram_from_its_file() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "xr");
+    env.client.ok(["domain", "start", "xr"]);
+    poll_until(Deadline::step(), "counting", || {
+        (counter(&env, "xr") != 0).then_some(())
+    });
+    write(&env, "xr", "drive-vdb", 0xa1);
+    env.client.ok(["domain", "pause", "xr"]);
+    let saved = counter(&env, "xr");
+    let mem = env.images_dir().join("xr.mem");
+    env.client.ok([
+        "create",
+        "xr",
+        "--name",
+        "x1",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+    ]);
+    env.client.ok(["domain", "resume", "xr"]);
+    poll_until(Deadline::step(), "the counter to move on", || {
+        (counter(&env, "xr") != saved).then_some(())
+    });
+    let v = env.client.json(["revert", "xr", "x1"]);
+    assert_eq!(v["state"], "paused");
+    assert_eq!(counter(&env, "xr"), saved, "RAM is the saved one");
+    env.client.ok(["domain", "resume", "xr"]);
+    poll_until(Deadline::step(), "the reverted guest to run", || {
+        (counter(&env, "xr") != saved).then_some(())
+    });
+    let n = source(&env, "xr", "vdb");
+    env.client.ok(["domain", "destroy", "xr"]);
+    assert!(qemu_io_verify_pattern(&n, "qcow2", 0xa1, OFF, 4096));
+    assert!(qemu_io_verify_pattern(&b, "qcow2", 0xa1, OFF, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_refusals_check_files_first_and_change_nothing() {
+    let env = TestEnv::start();
+    let (_a, _b) = setup(&env, "rf");
+    env.client.ok(["domain", "start", "rf"]);
+    let mem = env.images_dir().join("rf.mem");
+    env.client.ok(["create", "rf", "--name", "i1"]);
+    env.client.ok([
+        "create",
+        "rf",
+        "--name",
+        "x1",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+    ]);
+    let xml = env.client.ok(["domain", "dumpxml", "rf"]);
+    let pid = qemu_pid(&env);
+    let list = env.client.json(["list", "rf"]);
+    // i1's images are now backing files of x1's overlays: reverting i1 would write to them.
+    let (code, err) = env.client.err(["revert", "rf", "i1"]);
+    assert_eq!(code, 8, "{err}");
+    assert!(err.contains("backing file"), "{err}");
+    // A memory file deleted behind the daemon's back.
+    std::fs::rename(&mem, env.dir().join("moved.mem")).unwrap();
+    let (code, err) = env.client.err(["revert", "rf", "x1"]);
+    assert_eq!(code, 9, "{err}");
+    assert!(err.contains("rf.mem"), "{err}");
+    assert_eq!(env.client.ok(["domain", "dumpxml", "rf"]), xml);
+    assert_eq!(qemu_pid(&env), pid, "the guest was not disturbed");
+    assert_eq!(env.client.json(["list", "rf"]), list);
+    assert_eq!(
+        env.client.json(["domain", "info", "rf"])["state"],
         "running"
     );
 }
