@@ -9,6 +9,7 @@
 //! - external disks: a new overlay on top of the snapshot's image for each disk (a branch), so
 //!   the snapshot and its children stay valid; external VM state is loaded into a new QEMU
 //!   started with `-incoming defer`.
+//!
 //! Every check (files present, tags present, nothing depending on an image to be written) is
 //! made before the first change. Deleting snapshots with external files needs merges that keep
 //! every branch valid and is refused with `Unsupported` for now.
