@@ -117,18 +117,6 @@ async fn load_incoming(qmp: &Qmp, file: &Path) -> ServiceResult<()> {
     }
 }
 
-fn internal_only(rec: &SnapshotRecord, verb: &str) -> ServiceResult<Vec<DiskRecord>> {
-    let disks = record::disks(rec);
-    let mem = record::memory(rec);
-    if mem.mode == "external" || disks.iter().any(|d| d.mode == "external") {
-        return Err(ServiceError::Unsupported(format!(
-            "snapshot {:?} has external files; {verb} of external snapshots is not supported yet",
-            rec.name
-        )));
-    }
-    Ok(disks.into_iter().filter(|d| d.mode == "internal").collect())
-}
-
 /// The node of the running guest whose image is `file` (top or backing).
 async fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> ServiceResult<String> {
     let nodes = qmp
@@ -573,43 +561,30 @@ impl Actor {
         metadata_only: bool,
     ) -> ServiceResult<()> {
         let rec = self.snapshot_record(id)?;
+        let mut moved: Vec<(PathBuf, PathBuf, String)> = Vec::new();
+        let mut memory_file = None;
         if !metadata_only {
-            let disks = internal_only(&rec, "deleting")?;
-            let live = self.state().is_active();
-            for d in &disks {
-                let in_use = match (&self.qmp, live) {
-                    (Some(q), true) => node_of_file(q, &d.image).await.ok(),
-                    _ => None,
-                };
-                match (in_use, self.qmp.clone()) {
-                    (Some(node), Some(qmp)) => {
-                        let job_id = format!("vmsnap-del-{}-{}", rec.id.0, d.target);
-                        let mut events = qmp.subscribe();
-                        qmp.execute(
-                            "snapshot-delete",
-                            Some(json!({"job-id": job_id, "tag": rec.name, "devices": [node]})),
-                        )
-                        .await
-                        .map_err(ServiceError::qemu("cannot delete the internal snapshot"))?;
-                        wait_job_concluded(
-                            &qmp,
-                            &mut events,
-                            &job_id,
-                            "deleting the internal snapshot",
-                        )
-                        .await?;
-                    }
-                    _ => {
-                        qemu_img(&[
-                            "snapshot".as_ref(),
-                            "-d".as_ref(),
-                            rec.name.as_ref(),
-                            d.image.as_os_str(),
-                        ])
-                        .await?;
-                    }
+            let disks = record::disks(&rec);
+            // Every check and plan first, so that a refusal changes nothing.
+            let mut merges = Vec::new();
+            for d in disks.iter().filter(|d| d.mode == "external") {
+                merges.push(self.plan_merge(&rec, d).await?);
+            }
+            let mem = record::memory(&rec);
+            if mem.mode == "external" {
+                memory_file = mem.file.clone();
+            }
+            for d in disks.iter().filter(|d| d.mode == "internal") {
+                self.delete_internal_tag(&rec, d).await?;
+            }
+            for m in merges {
+                if let Some(mv) = self.run_merge(&rec, m).await? {
+                    moved.push(mv);
                 }
             }
+        }
+        if !moved.is_empty() {
+            self.retarget_records(id, &moved)?;
         }
         let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         cat.delete_snapshot(id)?;
@@ -621,7 +596,441 @@ impl Actor {
             i.current_snapshot = current;
             i.snapshots = Arc::new(map);
         });
+        if let Some(f) = memory_file
+            && let Err(e) = std::fs::remove_file(&f)
+        {
+            tracing::warn!(file = %f.display(), error = %e, "could not remove the memory file");
+        }
         info!(domain = %self.name(), snapshot = %rec.name, metadata_only, "snapshot deleted");
         Ok(())
     }
+
+    async fn delete_internal_tag(&self, rec: &SnapshotRecord, d: &DiskRecord) -> ServiceResult<()> {
+        let in_use = match (&self.qmp, self.state().is_active()) {
+            (Some(q), true) => node_of_file(q, &d.image).await.ok(),
+            _ => None,
+        };
+        match (in_use, self.qmp.clone()) {
+            (Some(node), Some(qmp)) => {
+                let job_id = format!("vmsnap-del-{}-{}", rec.id.0, d.target);
+                let mut events = qmp.subscribe();
+                qmp.execute(
+                    "snapshot-delete",
+                    Some(json!({"job-id": job_id, "tag": rec.name, "devices": [node]})),
+                )
+                .await
+                .map_err(ServiceError::qemu("cannot delete the internal snapshot"))?;
+                wait_job_concluded(&qmp, &mut events, &job_id, "deleting the internal snapshot")
+                    .await
+            }
+            _ => qemu_img(&[
+                "snapshot".as_ref(),
+                "-d".as_ref(),
+                rec.name.as_ref(),
+                d.image.as_os_str(),
+            ])
+            .await
+            .map(|_| ()),
+        }
+    }
+
+    /// Every image file the domain knows of: its snapshots' files and its active disks.
+    fn known_images(&self) -> Vec<PathBuf> {
+        let info = self.info.borrow();
+        let mut v: Vec<PathBuf> = info.def.disks.iter().map(|d| d.source.clone()).collect();
+        for r in info.snapshots.values() {
+            for d in record::disks(r) {
+                v.push(d.image.clone());
+                v.extend(d.overlay.clone());
+                v.extend(d.snapshot_file.clone());
+            }
+        }
+        v.sort();
+        v.dedup();
+        v.retain(|p| p.exists());
+        v
+    }
+
+    /// The images directly backed by `base`.
+    async fn dependents(&self, base: &Path) -> ServiceResult<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for f in self.known_images() {
+            if f != base && backing_of(&f).await?.map(|(b, _)| b).as_deref() == Some(base) {
+                out.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Decides how the data of external disk `d` of `rec` is merged away, refusing (before any
+    /// change) the shapes this build cannot merge while keeping every snapshot valid.
+    async fn plan_merge(&self, rec: &SnapshotRecord, d: &DiskRecord) -> ServiceResult<Merge> {
+        let image = d.data_file().clone();
+        let Some(overlay) = d.overlay.clone() else {
+            return Ok(Merge::Keep);
+        };
+        if !image.exists() {
+            return Ok(Merge::Keep);
+        }
+        let deps = self.dependents(&image).await?;
+        let live = self.state().is_active();
+        let running: Vec<(String, String)> = match (&self.qmp, live) {
+            (Some(q), true) => q
+                .query_named_block_nodes()
+                .await
+                .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
+                .into_iter()
+                .filter(|n| n.drv != "file")
+                .map(|n| (n.file, n.node_name))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let node = |p: &Path| {
+            running
+                .iter()
+                .find(|(f, _)| Path::new(f) == p)
+                .map(|(_, n)| n.clone())
+        };
+        let base_fmt = backing_of(&overlay)
+            .await?
+            .map(|(_, f)| f)
+            .unwrap_or_else(|| d.format.clone());
+        if deps == [overlay.clone()] {
+            match (node(&overlay), node(&image)) {
+                (Some(top), Some(base)) => {
+                    let device = self.top_node_of(&d.target).await?;
+                    Ok(Merge::CommitLive {
+                        device,
+                        top,
+                        base,
+                        overlay,
+                        image,
+                        base_fmt,
+                        active: false,
+                    })
+                }
+                (None, None) => Ok(Merge::CommitOffline {
+                    overlay,
+                    image,
+                    base_fmt,
+                }),
+                _ => Err(ServiceError::Unsupported(format!(
+                    "deleting snapshot {:?}: disk {} has a chain shape that cannot be merged while \
+                     the guest runs; shut the domain off and delete it then",
+                    rec.name, d.target
+                ))),
+            }
+            .map(|m| match m {
+                Merge::CommitLive {
+                    device,
+                    top,
+                    base,
+                    overlay,
+                    image,
+                    base_fmt,
+                    ..
+                } => {
+                    let active = device == top;
+                    Merge::CommitLive {
+                        device,
+                        top,
+                        base,
+                        overlay,
+                        image,
+                        base_fmt,
+                        active,
+                    }
+                }
+                other => other,
+            })
+        } else {
+            // Branches: each dependent takes a copy of the image's data (a safe rebase onto the
+            // image's own backing file), after which the image is no longer needed.
+            if deps
+                .iter()
+                .chain(std::iter::once(&image))
+                .any(|p| node(p).is_some())
+            {
+                return Err(ServiceError::Unsupported(format!(
+                    "deleting snapshot {:?}: disk {} has branches whose merge needs the domain shut \
+                     off; shut it off and delete it then",
+                    rec.name, d.target
+                )));
+            }
+            let needed_elsewhere = self.info.borrow().snapshots.values().any(|r| {
+                r.id != rec.id
+                    && record::disks(r).iter().any(|x| {
+                        x.data_file() == &image || (x.mode == "internal" && x.image == image)
+                    })
+            }) || self
+                .info
+                .borrow()
+                .def
+                .disks
+                .iter()
+                .any(|x| x.source == image);
+            match backing_of(&image).await? {
+                Some((backing, fmt)) if !needed_elsewhere => Ok(Merge::Stream {
+                    image,
+                    backing,
+                    backing_fmt: fmt,
+                    dependents: deps,
+                }),
+                _ => Ok(Merge::Keep),
+            }
+        }
+    }
+
+    async fn top_node_of(&self, target: &str) -> ServiceResult<String> {
+        let qmp = self.qmp()?;
+        let blocks = qmp
+            .query_block()
+            .await
+            .map_err(ServiceError::qemu("cannot list the guest's disks"))?;
+        blocks
+            .into_iter()
+            .find(|b| {
+                b.qdev
+                    .as_deref()
+                    .is_some_and(|q| q == target || q.contains(&format!("/{target}/")))
+            })
+            .and_then(|b| b.inserted.map(|i| i.node_name))
+            .ok_or_else(|| {
+                ServiceError::InvalidState(format!("disk {target} is not in the running guest"))
+            })
+    }
+
+    /// Carries out a merge; returns (old file, new file, format) when a file's data moved.
+    async fn run_merge(
+        &mut self,
+        rec: &SnapshotRecord,
+        m: Merge,
+    ) -> ServiceResult<Option<(PathBuf, PathBuf, String)>> {
+        match m {
+            Merge::Keep => Ok(None),
+            Merge::CommitOffline {
+                overlay,
+                image,
+                base_fmt,
+            } => {
+                let deps = self.dependents(&overlay).await?;
+                qemu_img(&[
+                    "commit".as_ref(),
+                    "-q".as_ref(),
+                    "-f".as_ref(),
+                    "qcow2".as_ref(),
+                    overlay.as_os_str(),
+                ])
+                .await?;
+                for f in deps {
+                    qemu_img(&[
+                        "rebase".as_ref(),
+                        "-u".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-F".as_ref(),
+                        base_fmt.as_ref(),
+                        "-b".as_ref(),
+                        image.as_os_str(),
+                        f.as_os_str(),
+                    ])
+                    .await?;
+                }
+                remove_quietly(&overlay);
+                Ok(Some((overlay, image, base_fmt)))
+            }
+            Merge::CommitLive {
+                device,
+                top,
+                base,
+                overlay,
+                image,
+                base_fmt,
+                active,
+            } => {
+                let qmp = self.qmp()?.clone();
+                let job_id = format!("vmsnap-commit-{}", rec.id.0);
+                let mut events = qmp.subscribe();
+                let mut args = json!({"job-id": job_id, "device": device, "base-node": base});
+                if !active {
+                    args["top-node"] = json!(top);
+                }
+                qmp.execute("block-commit", Some(args))
+                    .await
+                    .map_err(ServiceError::qemu(
+                        "cannot start merging the snapshot's data",
+                    ))?;
+                let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
+                loop {
+                    let ev = qmp
+                        .wait_event(&mut events, deadline, |e| {
+                            e.data.get("device").and_then(serde_json::Value::as_str)
+                                == Some(job_id.as_str())
+                                && matches!(
+                                    e.name.as_str(),
+                                    "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR"
+                                )
+                        })
+                        .await
+                        .map_err(ServiceError::qemu("merging the snapshot's data"))?;
+                    match ev.name.as_str() {
+                        "BLOCK_JOB_READY" => {
+                            qmp.execute("job-complete", Some(json!({"id": job_id})))
+                                .await
+                                .map_err(ServiceError::qemu(
+                                    "cannot finish merging the snapshot's data",
+                                ))?;
+                        }
+                        "BLOCK_JOB_COMPLETED" => {
+                            if let Some(err) =
+                                ev.data.get("error").and_then(serde_json::Value::as_str)
+                            {
+                                return Err(ServiceError::Qemu {
+                                    context: "merging the snapshot's data failed".into(),
+                                    source: crate::qmp::QmpError::Command {
+                                        class: "GenericError".into(),
+                                        desc: err.into(),
+                                        command: "block-commit".into(),
+                                    },
+                                });
+                            }
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                // The merged overlay left the graph; close it if the monitor still holds it.
+                let _ = qmp.blockdev_del(&top).await;
+                remove_quietly(&overlay);
+                Ok(Some((overlay, image, base_fmt)))
+            }
+            Merge::Stream {
+                image,
+                backing,
+                backing_fmt,
+                dependents,
+            } => {
+                for f in &dependents {
+                    qemu_img(&[
+                        "rebase".as_ref(),
+                        "-f".as_ref(),
+                        "qcow2".as_ref(),
+                        "-F".as_ref(),
+                        backing_fmt.as_ref(),
+                        "-b".as_ref(),
+                        backing.as_os_str(),
+                        f.as_os_str(),
+                    ])
+                    .await?;
+                }
+                remove_quietly(&image);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Points every record and the definition that named a merged-away file at the file that
+    /// now holds its data.
+    fn retarget_records(
+        &self,
+        deleted: SnapshotId,
+        moved: &[(PathBuf, PathBuf, String)],
+    ) -> ServiceResult<()> {
+        let info = self.info.borrow().clone();
+        let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
+        for r in info.snapshots.values().filter(|r| r.id != deleted) {
+            let mut disks = r.disks.clone();
+            let mut changed = false;
+            for d in disks.as_array_mut().into_iter().flatten() {
+                for (old, new, fmt) in moved {
+                    if d.get("image").and_then(serde_json::Value::as_str) == old.to_str() {
+                        d["image"] = json!(new);
+                        d["format"] = json!(fmt);
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                let mut r2 = r.clone();
+                r2.disks = disks;
+                cat.update_snapshot(&r2)?;
+            }
+        }
+        drop(cat);
+        let mut def = info.def.clone();
+        let mut def_changed = false;
+        for disk in def.disks.iter_mut() {
+            for (old, new, fmt) in moved {
+                if &disk.source == old {
+                    disk.source = new.clone();
+                    disk.format = fmt.parse().unwrap_or(disk.format);
+                    def_changed = true;
+                }
+            }
+        }
+        if def_changed {
+            self.persist_def(&def)?;
+            self.info.send_modify(|i| i.def = def);
+        }
+        Ok(())
+    }
+}
+
+/// How a deleted external snapshot's data is merged away.
+enum Merge {
+    /// Nothing to merge: the image stays (other snapshots or branches need it as it is).
+    Keep,
+    /// The overlay is the image's only dependent and QEMU has neither open: `qemu-img commit`.
+    CommitOffline {
+        overlay: PathBuf,
+        image: PathBuf,
+        base_fmt: String,
+    },
+    /// The overlay and image are in the running guest's chain: `block-commit` (active when the
+    /// overlay is the top).
+    CommitLive {
+        device: String,
+        top: String,
+        base: String,
+        overlay: PathBuf,
+        image: PathBuf,
+        base_fmt: String,
+        active: bool,
+    },
+    /// Branches: every dependent is rebased (with data) onto the image's backing file.
+    Stream {
+        image: PathBuf,
+        backing: PathBuf,
+        backing_fmt: String,
+        dependents: Vec<PathBuf>,
+    },
+}
+
+fn remove_quietly(p: &Path) {
+    if let Err(e) = std::fs::remove_file(p) {
+        tracing::warn!(file = %p.display(), error = %e, "could not remove a merged file");
+    }
+}
+
+/// The backing file (resolved) and its format, per `qemu-img info`.
+async fn backing_of(file: &Path) -> ServiceResult<Option<(PathBuf, String)>> {
+    let out = qemu_img(&[
+        "info".as_ref(),
+        "-U".as_ref(),
+        "--output=json".as_ref(),
+        file.as_os_str(),
+    ])
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let Some(b) = v["full-backing-filename"]
+        .as_str()
+        .or(v["backing-filename"].as_str())
+    else {
+        return Ok(None);
+    };
+    let fmt = v["backing-filename-format"]
+        .as_str()
+        .unwrap_or("raw")
+        .to_string();
+    Ok(Some((PathBuf::from(b), fmt)))
 }

@@ -194,24 +194,154 @@ async fn delete_internal_snapshots_live_and_offline_keeps_tree_in_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_of_external_snapshot_is_refused_and_changes_nothing() {
+async fn delete_external_leaf_of_running_guest_commits_the_overlay() {
     let env = TestEnv::start();
-    let (_a, _b) = setup(&env, "ext");
-    env.client.ok(["domain", "start", "ext"]);
+    let (_a, b) = setup(&env, "dl");
+    env.client.ok(["domain", "start", "dl"]);
+    write(&env, "dl", "drive-vdb", 0xa1);
     env.client
-        .ok(["create", "ext", "--name", "x", "--disk-only"]);
-    let before = env.client.json(["list", "ext"]);
-    let xml = env.client.ok(["domain", "dumpxml", "ext"]);
+        .ok(["create", "dl", "--name", "x", "--disk-only"]);
+    let o = source(&env, "dl", "vdb");
+    let top = top_node(&env, "dl", "vdb");
+    write(&env, "dl", &top, 0xb2);
     let pid = qemu_pid(&env);
-    let (code, err) = env.client.err(["delete", "ext", "x"]);
-    assert_eq!(code, 8, "{err}");
-    assert_eq!(env.client.json(["list", "ext"]), before);
-    assert_eq!(env.client.ok(["domain", "dumpxml", "ext"]), xml);
-    assert_eq!(qemu_pid(&env), pid);
+    env.client.ok(["delete", "dl", "x"]);
+    assert_eq!(qemu_pid(&env), pid, "merged while the guest runs");
     assert_eq!(
-        env.client.json(["domain", "info", "ext"])["state"],
+        source(&env, "dl", "vdb"),
+        b,
+        "the definition is back on the base image"
+    );
+    assert!(!o.exists(), "the merged overlay is removed");
+    assert_eq!(
+        env.client.json(["domain", "info", "dl"])["state"],
         "running"
     );
+    env.client.ok(["domain", "destroy", "dl"]);
+    assert!(
+        qemu_io_verify_pattern(&b, "qcow2", 0xb2, OFF, 4096),
+        "the active data is kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_external_middle_snapshot_offline_keeps_later_snapshot_valid() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "dm");
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0xa1, OFF, 4096);
+    env.client
+        .ok(["create", "dm", "--name", "s1", "--disk-only"]);
+    let o1 = source(&env, "dm", "vdb");
+    vmsnap_tests::qemu_io_write_pattern(&o1, "qcow2", 0xb2, OFF, 4096);
+    env.client
+        .ok(["create", "dm", "--name", "s2", "--disk-only"]);
+    let o2 = source(&env, "dm", "vdb");
+    vmsnap_tests::qemu_io_write_pattern(&o2, "qcow2", 0xc3, OFF, 4096);
+    env.client.ok(["delete", "dm", "s1"]);
+    assert!(!o1.exists(), "s1's overlay was merged into its image");
+    assert_eq!(
+        env.client.json(["info", "dm", "s2"])["parent"],
+        serde_json::Value::Null
+    );
+    assert!(
+        qemu_io_verify_pattern(&o2, "qcow2", 0xc3, OFF, 4096),
+        "the active image keeps its data"
+    );
+    // s2 still reverts to its own data.
+    env.client.ok(["revert", "dm", "s2"]);
+    let n = source(&env, "dm", "vdb");
+    assert!(
+        qemu_io_verify_pattern(&n, "qcow2", 0xb2, OFF, 4096),
+        "s2's data survived the merge"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_snapshot_with_branches_offline_rebases_every_branch() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "db");
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0x11, 0, 4096);
+    env.client
+        .ok(["create", "db", "--name", "s0", "--disk-only"]);
+    let o0 = source(&env, "db", "vdb");
+    vmsnap_tests::qemu_io_write_pattern(&o0, "qcow2", 0xa1, OFF, 4096);
+    env.client
+        .ok(["create", "db", "--name", "s1", "--disk-only"]);
+    let o1 = source(&env, "db", "vdb");
+    vmsnap_tests::qemu_io_write_pattern(&o1, "qcow2", 0xb2, OFF, 4096);
+    env.client.ok(["revert", "db", "s1"]);
+    let n1 = source(&env, "db", "vdb");
+    vmsnap_tests::qemu_io_write_pattern(&n1, "qcow2", 0xc3, OFF, 4096);
+    // s1's image (o0) has two dependents: o1 (the old line) and n1 (the branch).
+    env.client.ok(["delete", "db", "s1"]);
+    assert!(
+        !o0.exists(),
+        "s1's image is no longer needed once both branches have its data"
+    );
+    assert!(qemu_io_verify_pattern(&o1, "qcow2", 0xb2, OFF, 4096));
+    assert!(
+        qemu_io_verify_pattern(&o1, "qcow2", 0x11, 0, 4096),
+        "o1 still reaches the base"
+    );
+    assert!(qemu_io_verify_pattern(&n1, "qcow2", 0xc3, OFF, 4096));
+    assert!(qemu_io_verify_pattern(&n1, "qcow2", 0x11, 0, 4096));
+    // s0 still reverts to its own data.
+    env.client.ok(["revert", "db", "s0"]);
+    let n0 = source(&env, "db", "vdb");
+    assert!(qemu_io_verify_pattern(&n0, "qcow2", 0x11, 0, 4096));
+    assert!(!qemu_io_verify_pattern(&n0, "qcow2", 0xa1, OFF, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_with_branches_while_running_is_refused_and_changes_nothing() {
+    let env = TestEnv::start();
+    let (_a, _b) = setup(&env, "dr");
+    env.client
+        .ok(["create", "dr", "--name", "s0", "--disk-only"]);
+    env.client
+        .ok(["create", "dr", "--name", "s1", "--disk-only"]);
+    env.client.ok(["revert", "dr", "s1", "--running"]);
+    let before = env.client.json(["list", "dr"]);
+    let xml = env.client.ok(["domain", "dumpxml", "dr"]);
+    let files: Vec<_> = std::fs::read_dir(env.images_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let (code, err) = env.client.err(["delete", "dr", "s1"]);
+    assert_eq!(code, 8, "{err}");
+    assert_eq!(env.client.json(["list", "dr"]), before);
+    assert_eq!(env.client.ok(["domain", "dumpxml", "dr"]), xml);
+    let after: Vec<_> = std::fs::read_dir(env.images_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(files.len(), after.len());
+    assert_eq!(
+        env.client.json(["domain", "info", "dr"])["state"],
+        "running"
+    );
+}
+
+/// The top block node serving `target` in the running guest.
+fn top_node(env: &TestEnv, dom: &str, target: &str) -> String {
+    let v = env
+        .client
+        .json(["domain", "monitor", dom, r#"{"execute":"query-block"}"#]);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|x| {
+            x["qdev"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("/{target}/"))
+        })
+        .unwrap()["inserted"]["node-name"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The source of `target` in the domain's definition.
