@@ -6,4 +6,5 @@
 mod domains;
 mod harness_selftest;
 mod introspection;
+mod snapshot_faults;
 mod snapshots;
