@@ -25,6 +25,10 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the wait for `READY=1` looks whether the daemon died instead.
 const EXIT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Test hook every daemon of the harness gets (see `vmsnapd`'s `testhooks`): disks share write
+/// permission so that tests can write patterns into a running guest's disks.
+pub const BASE_HOOK: &str = "share-rw";
+
 /// Log level passed to vmsnapd unless `VMSNAP_TEST_LOG_LEVEL` says otherwise.
 const DEFAULT_LOG_LEVEL: &str = "debug";
 
@@ -38,6 +42,8 @@ pub struct Daemon {
     log_path: PathBuf,
     notify_dir: tempfile::TempDir,
     starts: u32,
+    /// Test hooks on top of [`BASE_HOOK`].
+    hooks: Vec<String>,
     child: Option<ChildGuard>,
     last_status: Option<ExitStatus>,
     /// Descendants of daemons stopped so far: guests to kill and reap on drop.
@@ -48,8 +54,27 @@ impl Daemon {
     /// Starts vmsnapd on the bus at `bus_address` with the given directories (created if
     /// missing) and waits for `READY=1`. Its output is appended to `log_path`.
     pub fn start(bus_address: &str, state_dir: &Path, runtime_dir: &Path, log_path: &Path) -> Self {
+        Self::start_with_hooks(bus_address, state_dir, runtime_dir, log_path, &[])
+    }
+
+    /// Like [`Daemon::start`], with test hooks `hooks` (entries of `VMSNAPD_TEST_HOOKS`, e.g.
+    /// `fail-at=after-memory`) on top of [`BASE_HOOK`]. Restarts keep them.
+    pub fn start_with_hooks(
+        bus_address: &str,
+        state_dir: &Path,
+        runtime_dir: &Path,
+        log_path: &Path,
+        hooks: &[&str],
+    ) -> Self {
         let binary = process::project_binary("vmsnapd", "VMSNAPD_BIN");
-        Self::start_binary(&binary, bus_address, state_dir, runtime_dir, log_path)
+        Self::spawn_new(
+            &binary,
+            bus_address,
+            state_dir,
+            runtime_dir,
+            log_path,
+            hooks,
+        )
     }
 
     /// Like [`Daemon::start`] with another program in place of vmsnapd (the harness's
@@ -61,6 +86,21 @@ impl Daemon {
         runtime_dir: &Path,
         log_path: &Path,
     ) -> Self {
+        Self::spawn_new(binary, bus_address, state_dir, runtime_dir, log_path, &[])
+    }
+
+    fn spawn_new(
+        binary: &Path,
+        bus_address: &str,
+        state_dir: &Path,
+        runtime_dir: &Path,
+        log_path: &Path,
+        hooks: &[&str],
+    ) -> Self {
+        assert!(
+            hooks.iter().all(|h| !h.contains(',')),
+            "a test hook cannot contain a comma: {hooks:?}"
+        );
         process::become_subreaper();
         for dir in [state_dir, runtime_dir] {
             std::fs::create_dir_all(dir)
@@ -77,6 +117,7 @@ impl Daemon {
                 .tempdir()
                 .expect("cannot create the notify directory"),
             starts: 0,
+            hooks: hooks.iter().map(|h| h.to_string()).collect(),
             child: None,
             last_status: None,
             guests: BTreeSet::new(),
@@ -105,6 +146,10 @@ impl Daemon {
         let log_err = log.try_clone().expect("cannot duplicate the log file");
         let level =
             std::env::var("VMSNAP_TEST_LOG_LEVEL").unwrap_or_else(|_| DEFAULT_LOG_LEVEL.into());
+        let hooks = std::iter::once(BASE_HOOK)
+            .chain(self.hooks.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(",");
 
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--address")
@@ -116,7 +161,7 @@ impl Daemon {
             .arg("--log-level")
             .arg(level)
             .env("NOTIFY_SOCKET", &socket_path)
-            .env("VMSNAPD_TEST_HOOKS", "share-rw")
+            .env("VMSNAPD_TEST_HOOKS", hooks)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log)

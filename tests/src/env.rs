@@ -27,17 +27,24 @@ impl TestEnv {
     /// Starts a bus and vmsnapd (waiting for `READY=1`) in a new temporary directory laid out
     /// as `state/`, `run/`, `images/` and `vmsnapd.log`.
     pub fn start() -> Self {
+        Self::start_with_hooks(&[])
+    }
+
+    /// Like [`TestEnv::start`], with vmsnapd's test hooks `hooks` (e.g. `fail-at=after-memory`)
+    /// on top of the harness's `share-rw`.
+    pub fn start_with_hooks(hooks: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("vmsnap-test-")
             .tempdir()
             .expect("cannot create the test directory");
         std::fs::create_dir(dir.path().join("images")).expect("cannot create images/");
         let bus = TestBus::start();
-        let daemon = Daemon::start(
+        let daemon = Daemon::start_with_hooks(
             bus.address(),
             &dir.path().join("state"),
             &dir.path().join("run"),
             &dir.path().join("vmsnapd.log"),
+            hooks,
         );
         let client = Client::new(bus.address());
         Self {

@@ -1157,7 +1157,7 @@ impl Actor {
             },
             running: info.state == GuestState::Running,
         };
-        let rec = create::create(
+        let created = create::create(
             create::Record {
                 catalog: &self.shared.catalog,
                 domain: info.id,
@@ -1169,7 +1169,26 @@ impl Actor {
             target,
             job,
         )
-        .await?;
+        .await;
+        let rec = match created {
+            Ok(r) => r,
+            Err(e) => {
+                // A create that failed after the disks switched left the new definition (the
+                // overlays in use) in the catalog: follow it.
+                let stored = self
+                    .shared
+                    .catalog
+                    .lock()
+                    .expect("catalog lock poisoned")
+                    .domain(info.id);
+                if let Ok(d) = stored
+                    && let Ok(def) = DomainDef::from_xml(&d.xml)
+                {
+                    self.info.send_modify(|i| i.def = def);
+                }
+                return Err(e);
+            }
+        };
         let id = rec.id;
         self.info.send_modify(|i| {
             i.def = plan.def_after.clone();

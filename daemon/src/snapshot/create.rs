@@ -8,6 +8,11 @@
 //! Every step that changed something registers its undo first, so a failure or a cancel leaves
 //! no file, node, internal snapshot or record behind and resumes a guest that was running.
 //!
+//! Once the disk transaction applied, the new overlays are the active images of the running
+//! guest and cannot be taken back. A failure after that point keeps them: the definition with
+//! the overlays is persisted, the snapshot's record is removed, everything else (internal
+//! snapshots, the memory file, a pause of our own) is undone, and the error says so.
+//!
 //! External VM state is written by `migrate` to a file descriptor passed with `getfd`. The
 //! `pause-before-switchover` capability stops the migration after the vCPUs stopped and before
 //! the disks are handed over, which is where the disks are switched: memory and disks are then
@@ -36,6 +41,14 @@ pub const SAVE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MIGRATE_POLL: Duration = Duration::from_millis(50);
 /// Bandwidth limit set for writing VM state to a local file: in effect none.
 const MIGRATE_MAX_BANDWIDTH: u64 = 1 << 40;
+/// Test-hook step: new overlay files created and their nodes added, the guest not yet touched.
+const STEP_AFTER_OVERLAYS: &str = "after-overlays";
+/// Test-hook step: internal VM state saved, or external VM state at the switchover point.
+const STEP_AFTER_MEMORY: &str = "after-memory";
+/// Test-hook step: the disk transaction applied (overlays active), nothing committed yet.
+const STEP_AFTER_TRANSACTION: &str = "after-transaction";
+/// Test-hook step: offline, every `qemu-img` change made, nothing committed yet.
+const STEP_AFTER_DISKS: &str = "after-disks";
 /// fd name under which the memory file is handed to QEMU.
 const MEMORY_FD_NAME: &str = "vmsnap-memory";
 
@@ -66,6 +79,11 @@ struct Undo {
     renamed: Vec<(PathBuf, PathBuf)>,
     paused_by_us: bool,
     images_inactive: bool,
+    /// The disk transaction switched disks to new overlays: they stay, whatever fails later.
+    switched: bool,
+    /// A VM state save reached its switchover point, where QEMU stopped the vCPUs; a cancel
+    /// from there leaves a guest that did not run in `postmigrate` rather than `paused`.
+    at_switchover: bool,
     record: Option<SnapshotId>,
     operation: Option<crate::catalog::OperationId>,
 }
@@ -125,13 +143,88 @@ fn create_exclusive(path: &Path) -> ServiceResult<std::fs::File> {
         })
 }
 
-/// Node name of a new overlay: short (QEMU allows 31 characters) and unique per snapshot.
-fn overlay_node(snapshot: SnapshotId, target: &str) -> String {
-    format!("snap{}-{target}", snapshot.0)
+/// Node name of a new overlay: short (QEMU allows 31 characters) and not among the names
+/// `taken` in the guest's graph. Snapshot ids can be used again (a failed snapshot's record is
+/// removed) while an overlay node named after the earlier one still serves a disk.
+fn overlay_node(
+    taken: &std::collections::HashSet<String>,
+    snapshot: SnapshotId,
+    target: &str,
+) -> String {
+    let first = format!("snap{}-{target}", snapshot.0);
+    if !taken.contains(&first) {
+        return first;
+    }
+    (1u32..)
+        .map(|n| format!("snap{}.{n}-{target}", snapshot.0))
+        .find(|name| !taken.contains(name))
+        .expect("some suffix is free")
 }
 
 fn io_context(msg: String) -> impl FnOnce(std::io::Error) -> ServiceError {
     ServiceError::io(msg)
+}
+
+/// Test hook `fail-at`: fails when it names `step`, for every snapshot or for this one.
+fn fail_point(plan: &Plan, step: &str) -> ServiceResult<()> {
+    let hit = crate::testhooks::values("fail-at")
+        .iter()
+        .any(|v| match v.split_once(':') {
+            Some((s, name)) => s == step && name == plan.name,
+            None => v == step,
+        });
+    if hit {
+        warn!(snapshot = %plan.name, step, "test hook: failing the snapshot");
+        return Err(ServiceError::Io {
+            context: format!("test hook: failing at step {step}"),
+            source: std::io::Error::other("failure injected by VMSNAPD_TEST_HOOKS"),
+        });
+    }
+    Ok(())
+}
+
+/// The bandwidth limit of an external VM state save: test hook `migrate-bandwidth`, or none.
+fn migrate_bandwidth() -> u64 {
+    match crate::testhooks::value("migrate-bandwidth") {
+        Some(v) => v.parse().unwrap_or_else(|_| {
+            warn!(value = %v, "test hook migrate-bandwidth is not a byte count; ignored");
+            MIGRATE_MAX_BANDWIDTH
+        }),
+        None => MIGRATE_MAX_BANDWIDTH,
+    }
+}
+
+/// The error of a snapshot that failed after its disk transaction: the caller must learn that
+/// the disks moved on to the new overlays although no snapshot was recorded.
+fn after_switch(e: ServiceError, plan: &Plan) -> ServiceError {
+    let overlays: Vec<String> = plan
+        .disks
+        .iter()
+        .filter(|d| d.mode == DiskMode::External)
+        .filter_map(|d| d.overlay.as_ref())
+        .map(|o| o.display().to_string())
+        .collect();
+    let note = format!(
+        "the snapshot was not recorded, but the disks now use the new overlays {} (the domain \
+         definition names them)",
+        overlays.join(", ")
+    );
+    match e {
+        ServiceError::Io { context, source } => ServiceError::Io {
+            context: format!("{note}; {context}"),
+            source,
+        },
+        ServiceError::Qemu { context, source } => ServiceError::Qemu {
+            context: format!("{note}; {context}"),
+            source,
+        },
+        ServiceError::Cancelled(m) => ServiceError::Cancelled(format!("{note}; {m}")),
+        ServiceError::Timeout(m) => ServiceError::Timeout(format!("{note}; {m}")),
+        other => ServiceError::Io {
+            context: note,
+            source: std::io::Error::other(other.to_string()),
+        },
+    }
 }
 
 /// Where a snapshot's record goes.
@@ -171,8 +264,13 @@ pub async fn create(
         Ok(rec) => Ok(rec),
         Err(e) => {
             warn!(snapshot = %plan.name, error = %e, "snapshot failed; undoing");
-            rollback(catalog, &target, &mut undo).await;
-            Err(e)
+            let switched = undo.switched;
+            rollback(catalog, domain, plan, &target, &mut undo).await;
+            if switched {
+                Err(after_switch(e, plan))
+            } else {
+                Err(e)
+            }
         }
     }
 }
@@ -397,7 +495,7 @@ async fn offline_steps(plan: &Plan, job: &Job, undo: &mut Undo) -> ServiceResult
         done += 1;
         job.set_progress(done as f64 / total as f64);
     }
-    Ok(())
+    fail_point(plan, STEP_AFTER_DISKS)
 }
 
 async fn live_steps(
@@ -418,6 +516,16 @@ async fn live_steps(
     }
     // New overlays: files first, then their nodes (not yet in the graph).
     let mut actions = Vec::new();
+    let mut taken = std::collections::HashSet::new();
+    if plan.disks.iter().any(|d| d.mode == DiskMode::External) {
+        taken.extend(
+            qmp.query_named_block_nodes()
+                .await
+                .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
+                .into_iter()
+                .map(|n| n.node_name),
+        );
+    }
     for d in plan.disks.iter().filter(|d| d.mode == DiskMode::External) {
         let top = &tops[&d.target];
         let overlay = d
@@ -441,7 +549,8 @@ async fn live_steps(
             size.as_ref(),
         ])
         .await?;
-        let node = overlay_node(snapshot, &d.target);
+        let node = overlay_node(&taken, snapshot, &d.target);
+        taken.insert(node.clone());
         qmp.blockdev_add(json!({
             "driver": "qcow2",
             "node-name": node,
@@ -458,6 +567,7 @@ async fn live_steps(
             json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}),
         );
     }
+    fail_point(plan, STEP_AFTER_OVERLAYS)?;
     let internal: Vec<&super::plan::DiskPlan> = plan
         .disks
         .iter()
@@ -473,6 +583,7 @@ async fn live_steps(
             }
             job.set_phase("disks");
             transaction(qmp, actions, plan, &internal, undo, tops).await?;
+            fail_point(plan, STEP_AFTER_TRANSACTION)?;
         }
         MemoryMode::Internal => {
             if running {
@@ -496,8 +607,10 @@ async fn live_steps(
                     .iter()
                     .map(|d| (tops[&d.target].node.clone(), plan.name.clone())),
             );
+            fail_point(plan, STEP_AFTER_MEMORY)?;
             job.set_phase("disks");
             transaction(qmp, actions, plan, &[], undo, tops).await?;
+            fail_point(plan, STEP_AFTER_TRANSACTION)?;
         }
         MemoryMode::External => {
             for d in &internal {
@@ -520,14 +633,22 @@ async fn live_steps(
             }
             job.set_phase("memory");
             job.set_cancelable(true);
-            if let Err(e) = begin_external_save(qmp, &f, job).await {
+            let saved = begin_external_save(qmp, &f, job).await;
+            if saved.is_ok() {
+                undo.at_switchover = true;
+            }
+            let saved = saved.and_then(|()| fail_point(plan, STEP_AFTER_MEMORY));
+            if let Err(e) = saved {
                 let _ = qmp.execute("migrate_cancel", None).await;
                 wait_migration_end(qmp).await;
                 return Err(e);
             }
             job.set_cancelable(false);
             job.set_phase("disks");
-            if let Err(e) = transaction(qmp, actions, plan, &internal, undo, tops).await {
+            let switched = transaction(qmp, actions, plan, &internal, undo, tops)
+                .await
+                .and_then(|()| fail_point(plan, STEP_AFTER_TRANSACTION));
+            if let Err(e) = switched {
                 let _ = qmp.execute("migrate_cancel", None).await;
                 wait_migration_end(qmp).await;
                 return Err(e);
@@ -549,7 +670,8 @@ async fn live_steps(
             .map_err(ServiceError::qemu("cannot resume the guest"))?;
         undo.paused_by_us = false;
         undo.images_inactive = false;
-    } else if undo.images_inactive {
+        undo.at_switchover = false;
+    } else if undo.images_inactive || undo.at_switchover {
         // A guest that was paused by its user stays paused; the images a migration handed
         // over are taken back by a resume and an immediate pause.
         qmp.cont()
@@ -559,6 +681,7 @@ async fn live_steps(
             .await
             .map_err(ServiceError::qemu("cannot pause the guest again"))?;
         undo.images_inactive = false;
+        undo.at_switchover = false;
     }
     // The overlays are in the graph now: nothing to delete on failure from here on.
     undo.nodes.clear();
@@ -581,6 +704,7 @@ async fn transaction(
         .await
         .map_err(ServiceError::qemu("the disk snapshot transaction failed"))?;
     // The overlays now serve the disks; the old tops became their backing nodes.
+    undo.switched = !undo.nodes.is_empty();
     undo.nodes.clear();
     undo.files.retain(|f| plan.memory_file.as_ref() == Some(f));
     undo.live_internal.extend(
@@ -668,7 +792,7 @@ async fn begin_external_save(qmp: &Qmp, file: &std::fs::File, job: &Job) -> Serv
     .map_err(prep())?;
     qmp.execute(
         "migrate-set-parameters",
-        Some(json!({"max-bandwidth": MIGRATE_MAX_BANDWIDTH})),
+        Some(json!({"max-bandwidth": migrate_bandwidth()})),
     )
     .await
     .map_err(prep())?;
@@ -785,7 +909,15 @@ async fn wait_migration_end(qmp: &Qmp) {
     }
 }
 
-async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo) {
+/// Undoes what `undo` lists. After a switch the overlays stay and the definition naming them
+/// is persisted instead.
+async fn rollback(
+    catalog: &Mutex<Catalog>,
+    domain: DomainId,
+    plan: &Plan,
+    target: &Target<'_>,
+    undo: &mut Undo,
+) {
     if let Some(qmp) = target.qmp {
         for node in undo.nodes.drain(..).rev() {
             if let Err(e) = qmp.blockdev_del(&node).await {
@@ -813,7 +945,7 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
                 }
             }
         }
-        if undo.paused_by_us || undo.images_inactive {
+        if undo.paused_by_us || undo.images_inactive || undo.at_switchover {
             if let Err(e) = qmp.cont().await {
                 warn!(error = %e, "rollback: could not resume the guest");
             }
@@ -847,6 +979,21 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
         }
     }
     let mut cat = catalog.lock().expect("catalog lock poisoned");
+    if undo.switched {
+        // The guest runs on the overlays: the definition must name them, or the next start
+        // would boot from the images as they were before the snapshot.
+        match cat.update_domain_xml(domain, &plan.def_after.to_xml()) {
+            Ok(()) => warn!(
+                snapshot = %plan.name,
+                "rollback: the disks keep their new overlays; the definition now names them"
+            ),
+            Err(e) => tracing::error!(
+                snapshot = %plan.name,
+                error = %e,
+                "rollback: the disks use new overlays but the definition could not be updated"
+            ),
+        }
+    }
     if let Some(id) = undo.record.take()
         && let Err(e) = cat.delete_snapshot(id)
     {
@@ -856,5 +1003,21 @@ async fn rollback(catalog: &Mutex<Catalog>, target: &Target<'_>, undo: &mut Undo
         && let Err(e) = cat.finish_operation(op)
     {
         warn!(error = %e, "rollback: could not close the operation journal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_node_names_avoid_the_names_in_use() {
+        let mut taken = std::collections::HashSet::new();
+        assert_eq!(overlay_node(&taken, SnapshotId(7), "vda"), "snap7-vda");
+        taken.insert("snap7-vda".to_string());
+        assert_eq!(overlay_node(&taken, SnapshotId(7), "vda"), "snap7.1-vda");
+        taken.insert("snap7.1-vda".to_string());
+        assert_eq!(overlay_node(&taken, SnapshotId(7), "vda"), "snap7.2-vda");
+        assert_eq!(overlay_node(&taken, SnapshotId(7), "vdb"), "snap7-vdb");
     }
 }

@@ -7,4 +7,5 @@ mod domains;
 mod harness_selftest;
 mod introspection;
 mod revert_delete;
+mod snapshot_faults;
 mod snapshots;

@@ -12,17 +12,22 @@ use vmsnap_tests::{
     poll_until, qemu_img_create, qemu_img_info, qemu_img_snapshots, qemu_io_verify_pattern,
 };
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// Where patterns go on the counter disk: past the boot sector, inside its 1 MiB.
-const OFF_A: u64 = 512 * 1024;
+pub(crate) const OFF_A: u64 = 512 * 1024;
 
-struct Dom<'a> {
+pub(crate) struct Dom<'a> {
     env: &'a TestEnv,
     name: String,
 }
 
 impl<'a> Dom<'a> {
-    fn define(env: &'a TestEnv, name: &str, disks: &[DiskSpec], memory_mib: u64) -> Dom<'a> {
+    pub(crate) fn define(
+        env: &'a TestEnv,
+        name: &str,
+        disks: &[DiskSpec],
+        memory_mib: u64,
+    ) -> Dom<'a> {
         let xml = domain_xml(name, disks).replace(
             "<memory unit='MiB'>64</memory>",
             &format!("<memory unit='MiB'>{memory_mib}</memory>"),
@@ -35,16 +40,16 @@ impl<'a> Dom<'a> {
         }
     }
 
-    fn vmsnap(&self, args: &[&str]) -> String {
+    pub(crate) fn vmsnap(&self, args: &[&str]) -> String {
         self.env.client.ok(args.iter().copied())
     }
 
-    fn hmp(&self, cmd: &str) -> String {
+    pub(crate) fn hmp(&self, cmd: &str) -> String {
         self.vmsnap(&["domain", "monitor", &self.name, "--hmp", cmd])
     }
 
     /// The top block node serving `target` in the running guest.
-    fn node(&self, target: &str) -> String {
+    pub(crate) fn node(&self, target: &str) -> String {
         let v = self.env.client.json([
             "domain",
             "monitor",
@@ -64,7 +69,7 @@ impl<'a> Dom<'a> {
     }
 
     /// Writes `pattern` into the running guest's disk through HMP qemu-io.
-    fn write(&self, target: &str, pattern: u8, offset: u64, len: u64) {
+    pub(crate) fn write(&self, target: &str, pattern: u8, offset: u64, len: u64) {
         let node = self.node(target);
         let out = self.hmp(&format!(
             "qemu-io {node} \"write -P 0x{pattern:02x} {offset} {len}\""
@@ -75,16 +80,16 @@ impl<'a> Dom<'a> {
         );
     }
 
-    fn counter(&self) -> u32 {
+    pub(crate) fn counter(&self) -> u32 {
         let out = self.hmp(&format!("xp /1wx 0x{COUNTER_ADDR:x}"));
         vmsnap_tests::guest::parse_xp_word(&out).unwrap_or_else(|| panic!("bad xp output {out:?}"))
     }
 
-    fn info(&self) -> Value {
+    pub(crate) fn info(&self) -> Value {
         self.env.client.json(["domain", "info", &self.name])
     }
 
-    fn snapshots(&self) -> Value {
+    pub(crate) fn snapshots(&self) -> Value {
         self.env.client.json(["list", &self.name])
     }
 
@@ -144,7 +149,7 @@ fn convert_snapshot(image: &Path, tag: &str, out: &Path) {
     );
 }
 
-fn files_in(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_in(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .flatten()
@@ -155,7 +160,7 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// A counter boot disk (qcow2, vda) and a 16 MiB data disk `vdb` of `fmt`.
-fn two_disks(env: &TestEnv, fmt: &str) -> (PathBuf, PathBuf) {
+pub(crate) fn two_disks(env: &TestEnv, fmt: &str) -> (PathBuf, PathBuf) {
     let a = env.images_dir().join("vda.qcow2");
     counter_boot_qcow2(&a);
     let b = env.images_dir().join(format!("vdb.{fmt}"));
@@ -163,7 +168,7 @@ fn two_disks(env: &TestEnv, fmt: &str) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn specs(a: &Path, b: &Path, bfmt: &str) -> Vec<DiskSpec> {
+pub(crate) fn specs(a: &Path, b: &Path, bfmt: &str) -> Vec<DiskSpec> {
     vec![
         DiskSpec::new(a, "qcow2", "vda"),
         DiskSpec::new(b, bfmt, "vdb"),
@@ -171,7 +176,7 @@ fn specs(a: &Path, b: &Path, bfmt: &str) -> Vec<DiskSpec> {
 }
 
 /// Waits until the counter guest has started counting.
-fn wait_counting(d: &Dom<'_>) {
+pub(crate) fn wait_counting(d: &Dom<'_>) {
     poll_until(Deadline::step(), "the counter guest to count", || {
         (d.counter() != 0).then_some(())
     });
