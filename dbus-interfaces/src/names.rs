@@ -80,6 +80,14 @@ pub mod option {
     pub const RUNNING: &str = "running";
     /// `b`: with `Delete`, forget the record and keep every file.
     pub const METADATA_ONLY: &str = "metadata-only";
+    /// `s`: with `CreateSnapshot`, revert to this snapshot first (a branch from it).
+    pub const PARENT: &str = "parent";
+    /// `b`: with `Revert`, delete the target's descendants first.
+    pub const DELETE_CHILDREN: &str = "delete-children";
+    /// `b`: with `Delete`, delete the whole subtree.
+    pub const CHILDREN: &str = "children";
+    /// `b`: with `Delete`, delete the subtree below the snapshot and keep it.
+    pub const CHILDREN_ONLY: &str = "children-only";
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
 }

@@ -173,7 +173,8 @@ impl DomainIface {
     /// once). An empty name means one made from the time. Options: `disk-only` (b), `memory`
     /// (s: `internal`, `external` or `none`), `memory-file` (s), `vmstate-disk` (s), `disks`
     /// (as: `TARGET=internal`, `TARGET=external[:FILE]`, `TARGET=no`), `live` (b),
-    /// `keep-active-name` (b), `async` (b).
+    /// `keep-active-name` (b), `parent` (s: first revert to this snapshot, making the new one
+    /// a branch from it), `async` (b).
     async fn create_snapshot(
         &self,
         name: String,
@@ -319,6 +320,7 @@ impl DomainIface {
 }
 
 const CREATE_OPTIONS: &[&str] = &[
+    option::PARENT,
     option::DISK_ONLY,
     option::MEMORY,
     option::MEMORY_FILE,
@@ -389,6 +391,28 @@ impl DomainIface {
         emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let branch_from = match opts.string(option::PARENT)? {
+            Some(p) => {
+                let info = self.handle.info();
+                let id = info
+                    .snapshots
+                    .values()
+                    .find(|s| s.name == p)
+                    .map(|s| s.id)
+                    .ok_or_else(|| {
+                        wire_error(crate::error::ServiceError::NoSuchSnapshot {
+                            domain: info.def.name.clone(),
+                            name: p,
+                        })
+                    })?;
+                Some(id)
+            }
+            None => None,
+        };
+        let guard = self
+            .handle
+            .begin_operation("the snapshot")
+            .map_err(wire_error)?;
         let job = self
             .service
             .jobs
@@ -399,6 +423,12 @@ impl DomainIface {
         let service = self.service.clone();
         let emitter = emitter.into_owned();
         let (path, rx) = run_job(server, &self.service, job, async move {
+            let _guard = guard;
+            if let Some(parent) = branch_from {
+                // The RFC's option 2a: branch from an existing snapshot in one step.
+                j.set_phase("revert");
+                handle.revert(parent, None).await?;
+            }
             let id = handle.create_snapshot(req, "manual".to_string(), j).await?;
             let info = handle.info();
             // Serve the new object before anyone hears of it.

@@ -10,6 +10,7 @@ use zbus::message::Header;
 
 use super::job::run_job;
 use super::options::Options;
+use super::wire_error;
 use crate::service::Service;
 
 use vmsnap_dbus::Error;
@@ -65,8 +66,14 @@ impl SnapshotIface {
         let opts = Options::parse(
             "Revert",
             options,
-            &[option::RUNNING, option::PAUSED, option::ASYNC],
+            &[
+                option::RUNNING,
+                option::PAUSED,
+                option::DELETE_CHILDREN,
+                option::ASYNC,
+            ],
         )?;
+        let delete_children = opts.bool(option::DELETE_CHILDREN)?.unwrap_or(false);
         let running = match (opts.bool(option::RUNNING)?, opts.bool(option::PAUSED)?) {
             (Some(true), Some(true)) => {
                 return Err(Error::InvalidArgument(
@@ -78,6 +85,10 @@ impl SnapshotIface {
             _ => None,
         };
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let guard = self
+            .handle
+            .begin_operation("the revert")
+            .map_err(wire_error)?;
         let job = self
             .service
             .jobs
@@ -85,7 +96,18 @@ impl SnapshotIface {
         let handle = self.handle.clone();
         let id = self.id;
         let server2 = server.clone();
+        let service = self.service.clone();
         let (path, rx) = run_job(server, &self.service, job, async move {
+            let _guard = guard;
+            if delete_children {
+                // The RFC's alternative to branching: the target's descendants go first.
+                for child in descendants_post_order(&handle.info(), id) {
+                    let before = handle.info();
+                    handle.delete_snapshot(child, false).await?;
+                    sync_snapshots(&server2, &service, &handle, Some(&before), &handle.info())
+                        .await;
+                }
+            }
             handle.revert(id, running).await?;
             let p = obj(snapshot_path(handle.id().0, id.0));
             if let Ok(iface) = server2
@@ -106,17 +128,39 @@ impl SnapshotIface {
     }
 
     /// Deletes this snapshot (a job). Options: `metadata-only` (b: forget the record, keep every
-    /// file), `async` (b). Children are re-parented to this snapshot's parent; when this was
-    /// current, its parent becomes current.
+    /// file), `children` (b: the whole subtree), `children-only` (b: the subtree below this
+    /// snapshot, keeping it), `async` (b). Children are re-parented to this snapshot's parent;
+    /// when this was current, its parent becomes current. Data every remaining snapshot needs
+    /// is merged, never lost; shapes that cannot be merged now are refused before any change.
     async fn delete(
         &self,
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
-        let opts = Options::parse("Delete", options, &[option::METADATA_ONLY, option::ASYNC])?;
+        let opts = Options::parse(
+            "Delete",
+            options,
+            &[
+                option::METADATA_ONLY,
+                option::CHILDREN,
+                option::CHILDREN_ONLY,
+                option::ASYNC,
+            ],
+        )?;
         let metadata_only = opts.bool(option::METADATA_ONLY)?.unwrap_or(false);
+        let children = opts.bool(option::CHILDREN)?.unwrap_or(false);
+        let children_only = opts.bool(option::CHILDREN_ONLY)?.unwrap_or(false);
+        if children && children_only {
+            return Err(Error::InvalidArgument(
+                "options children and children-only exclude each other".into(),
+            ));
+        }
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let guard = self
+            .handle
+            .begin_operation("the delete")
+            .map_err(wire_error)?;
         let job = self
             .service
             .jobs
@@ -126,10 +170,20 @@ impl SnapshotIface {
         let server2 = server.clone();
         let service = self.service.clone();
         let (path, rx) = run_job(server, &self.service, job, async move {
-            let before = handle.info();
-            handle.delete_snapshot(id, metadata_only).await?;
-            let now = handle.info();
-            sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
+            let _guard = guard;
+            let mut victims = Vec::new();
+            if children || children_only {
+                victims = descendants_post_order(&handle.info(), id);
+            }
+            if !children_only {
+                victims.push(id);
+            }
+            for victim in victims {
+                let before = handle.info();
+                handle.delete_snapshot(victim, metadata_only).await?;
+                let now = handle.info();
+                sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
+            }
             let p = obj(snapshot_path(handle.id().0, id.0));
             if let Ok(iface) = server2
                 .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
@@ -348,6 +402,16 @@ pub async fn sync_snapshots(
             let _ = i.status_changed(e).await;
         }
     }
+}
+
+/// The descendants of `id`, children after their own children (leaves first).
+fn descendants_post_order(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
+    let mut out = Vec::new();
+    for c in children(info, id) {
+        out.extend(descendants_post_order(info, c));
+        out.push(c);
+    }
+    out
 }
 
 fn caller(header: &Header<'_>) -> String {

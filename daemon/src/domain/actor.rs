@@ -133,6 +133,17 @@ pub struct DomainHandle {
     id: DomainId,
     tx: mpsc::Sender<Request>,
     info: watch::Receiver<DomainInfo>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Holds a domain's snapshot-operation slot; released on drop.
+#[derive(Debug)]
+pub struct OperationGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for OperationGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl std::fmt::Debug for DomainHandle {
@@ -144,6 +155,24 @@ impl std::fmt::Debug for DomainHandle {
 }
 
 impl DomainHandle {
+    /// Takes the domain's slot for a snapshot operation (create, revert, delete). A second
+    /// operation while one runs is refused with `Busy` instead of queueing behind it, so a
+    /// caller never reverts a domain in the middle of someone else's snapshot.
+    pub fn begin_operation(&self, what: &str) -> ServiceResult<OperationGuard> {
+        use std::sync::atomic::Ordering;
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(ServiceError::Busy(format!(
+                "another snapshot operation runs on domain {:?}; {what} was not started",
+                self.name()
+            )));
+        }
+        Ok(OperationGuard(self.busy.clone()))
+    }
+
     /// The domain's catalog id.
     pub fn id(&self) -> DomainId {
         self.id
@@ -393,6 +422,7 @@ pub async fn spawn(
         id,
         tx,
         info: info_rx,
+        busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
     }
 }
 

@@ -63,6 +63,33 @@ fn fresh_overlay_path(base: &Path, snapshot: &str) -> ServiceResult<PathBuf> {
     )))
 }
 
+/// Copies an image file exclusively (the copy is new), keeping holes.
+async fn copy_sparse(from: &Path, to: &Path) -> ServiceResult<()> {
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(ServiceError::io(format!("cannot create {}", to.display())))?,
+    );
+    let out = tokio::process::Command::new("cp")
+        .args(["--sparse=always", "--reflink=auto"])
+        .arg(from)
+        .arg(to)
+        .output()
+        .await
+        .map_err(ServiceError::io("cannot run cp"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(to);
+        return Err(ServiceError::Io {
+            context: format!("cannot copy {}", from.display()),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
 /// Loads VM state from `file` into a QEMU started with `-incoming defer`.
 async fn load_incoming(qmp: &Qmp, file: &Path) -> ServiceResult<()> {
     let f = std::fs::File::open(file)
@@ -186,6 +213,35 @@ impl Actor {
         id: SnapshotId,
         running: Option<bool>,
     ) -> ServiceResult<()> {
+        let op = self.journal("revert", id)?;
+        let r = self.revert_inner(id, running).await;
+        self.journal_done(op);
+        r
+    }
+
+    /// Records a multi-step operation in the catalog's journal before it starts.
+    fn journal(&self, kind: &str, id: SnapshotId) -> ServiceResult<crate::catalog::OperationId> {
+        Ok(self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .begin_operation(self.id(), kind, &json!({"snapshot": id.0}))?)
+    }
+
+    fn journal_done(&self, op: crate::catalog::OperationId) {
+        if let Err(e) = self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .finish_operation(op)
+        {
+            tracing::warn!(error = %e, "could not close the operation journal");
+        }
+    }
+
+    async fn revert_inner(&mut self, id: SnapshotId, running: Option<bool>) -> ServiceResult<()> {
         let rec = self.snapshot_record(id)?;
         let name = self.name();
         if self.kind() == DomainKind::Attached {
@@ -208,7 +264,12 @@ impl Actor {
             ))
         })?;
         let mem = record::memory(&rec);
-        if mem.mode == "external" || all_disks.iter().any(|d| d.mode == "external") {
+        let mut shared_image = false;
+        for d in &disks {
+            shared_image |= self.image_has_dependents(&d.image).await?;
+        }
+        if shared_image || mem.mode == "external" || all_disks.iter().any(|d| d.mode == "external")
+        {
             return self
                 .revert_branch(&rec, snap_def, &all_disks, running)
                 .await;
@@ -341,17 +402,6 @@ impl Actor {
                 f.display()
             )));
         }
-        for d in disks.iter().filter(|d| d.mode == "internal") {
-            if self.image_has_dependents(&d.image).await? {
-                return Err(ServiceError::Unsupported(format!(
-                    "disk {} of snapshot {:?}: {} has become the backing file of a later \
-                     overlay, and reverting its internal snapshot would write to it",
-                    d.target,
-                    rec.name,
-                    d.image.display()
-                )));
-            }
-        }
         Ok(())
     }
 
@@ -453,6 +503,7 @@ impl Actor {
         created: &mut Vec<PathBuf>,
     ) -> ServiceResult<()> {
         let current = self.info.borrow().def.clone();
+        let mut internal_images: Vec<DiskRecord> = Vec::new();
         let mut def = snap_def;
         for disk in def.disks.iter_mut() {
             let Some(d) = disks.iter().find(|d| d.target == disk.target) else {
@@ -495,13 +546,24 @@ impl Actor {
                     disk.format = super::def::DiskFormat::Qcow2;
                 }
                 "internal" => {
+                    let mut image = d.image.clone();
+                    if self.image_has_dependents(&d.image).await? {
+                        // The image is the backing file of later overlays: writing to it would
+                        // corrupt them. Revert a private copy (internal snapshots included).
+                        let copy = fresh_overlay_path(&d.image, &rec.name)?;
+                        copy_sparse(&d.image, &copy).await?;
+                        created.push(copy.clone());
+                        disk.source = copy.clone();
+                        image = copy;
+                    }
                     qemu_img(&[
                         "snapshot".as_ref(),
                         "-a".as_ref(),
                         rec.name.as_ref(),
-                        d.image.as_os_str(),
+                        image.as_os_str(),
                     ])
                     .await?;
+                    internal_images.push(DiskRecord { image, ..d.clone() });
                 }
                 _ => {
                     // Not in the snapshot: the disk keeps its current state.
@@ -532,12 +594,7 @@ impl Actor {
             "internal" => {
                 self.start(true).await?;
                 let qmp = self.qmp()?.clone();
-                let internal: Vec<DiskRecord> = disks
-                    .iter()
-                    .filter(|d| d.mode == "internal")
-                    .cloned()
-                    .collect();
-                self.load_internal(&qmp, rec, &internal, mem.vmstate_disk.as_deref())
+                self.load_internal(&qmp, rec, &internal_images, mem.vmstate_disk.as_deref())
                     .await?;
                 if end_running != Some(false) {
                     qmp.cont()
@@ -560,6 +617,13 @@ impl Actor {
         id: SnapshotId,
         metadata_only: bool,
     ) -> ServiceResult<()> {
+        let op = self.journal("delete-snapshot", id)?;
+        let r = self.delete_inner(id, metadata_only).await;
+        self.journal_done(op);
+        r
+    }
+
+    async fn delete_inner(&mut self, id: SnapshotId, metadata_only: bool) -> ServiceResult<()> {
         let rec = self.snapshot_record(id)?;
         let mut moved: Vec<(PathBuf, PathBuf, String)> = Vec::new();
         let mut memory_file = None;
