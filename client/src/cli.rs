@@ -82,6 +82,9 @@ pub enum Command {
         /// End paused, whatever the snapshot recorded.
         #[arg(long)]
         paused: bool,
+        /// Delete the snapshot's descendants first instead of branching.
+        #[arg(long)]
+        delete_children: bool,
     },
     /// Delete a snapshot.
     #[command(
@@ -95,6 +98,12 @@ pub enum Command {
         /// Forget the record only; keep every file.
         #[arg(long)]
         metadata_only: bool,
+        /// Delete the snapshot and all its descendants.
+        #[arg(long, conflicts_with = "children_only")]
+        children: bool,
+        /// Delete the snapshot's descendants and keep it.
+        #[arg(long)]
+        children_only: bool,
     },
     /// Print a snapshot as libvirt <domainsnapshot> XML.
     #[command(after_help = "Example:\n  vmsnap dumpxml web1 before-upgrade")]
@@ -138,6 +147,9 @@ pub struct CreateArgs {
     /// Rename the current image to the snapshot's file and keep the original path active.
     #[arg(long)]
     pub keep_active_name: bool,
+    /// Revert to this snapshot first, so the new one branches from it.
+    #[arg(long)]
+    pub parent: Option<String>,
     /// A libvirt <domainsnapshot> document describing the snapshot.
     #[arg(long, conflicts_with_all = ["name", "disk_only", "memory", "memory_file", "disks", "vmstate_disk"])]
     pub xml: Option<PathBuf>,

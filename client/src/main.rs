@@ -51,6 +51,15 @@ async fn connect(cli: &Cli) -> Result<Connection, Failure> {
 /// An options dictionary for a method call.
 pub type Opts<'a> = HashMap<&'a str, Variant<'a>>;
 
+/// Boolean options that are set.
+fn flags<'a>(pairs: &[(bool, &'a str)]) -> Opts<'a> {
+    pairs
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, k)| (*k, Variant::Bool(true)))
+        .collect()
+}
+
 /// The proxy of the domain called `name`.
 pub async fn domain_proxy<'a>(
     conn: &'a Connection,
@@ -115,26 +124,28 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             snapshot,
             running,
             paused,
+            delete_children,
         } => {
-            snapshot::revert(
-                &conn, &manager, json_mode, &domain, &snapshot, running, paused,
-            )
-            .await?
+            let o = flags(&[
+                (running, "running"),
+                (paused, "paused"),
+                (delete_children, "delete-children"),
+            ]);
+            snapshot::revert(&conn, &manager, json_mode, &domain, &snapshot, o).await?
         }
         Command::Delete {
             domain,
             snapshot,
             metadata_only,
+            children,
+            children_only,
         } => {
-            snapshot::delete(
-                &conn,
-                &manager,
-                json_mode,
-                &domain,
-                &snapshot,
-                metadata_only,
-            )
-            .await?
+            let o = flags(&[
+                (metadata_only, "metadata-only"),
+                (children, "children"),
+                (children_only, "children-only"),
+            ]);
+            snapshot::delete(&conn, &manager, json_mode, &domain, &snapshot, o).await?
         }
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?

@@ -80,6 +80,9 @@ pub async fn create(
             if a.disk_only {
                 o.insert("disk-only", Variant::Bool(true));
             }
+            if let Some(p) = &a.parent {
+                o.insert("parent", Variant::from(p.as_str()));
+            }
             if let Some(m) = &a.memory {
                 o.insert("memory", Variant::from(m.as_str()));
             }
@@ -231,20 +234,12 @@ pub async fn revert(
     json_mode: bool,
     domain: &str,
     snapshot: &str,
-    running: bool,
-    paused: bool,
+    mut o: Opts<'_>,
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, domain).await?;
     let p = d.find_snapshot(snapshot).await?;
     let s = SnapshotProxy::builder(conn).path(p).build().await?;
-    let mut o = Opts::new();
     o.insert("async", Variant::Bool(true));
-    if running {
-        o.insert("running", Variant::Bool(true));
-    }
-    if paused {
-        o.insert("paused", Variant::Bool(true));
-    }
     let job = s.revert(o).await?;
     follow_job(conn, job, json_mode).await?;
     let state = d.state().await?;
@@ -263,16 +258,12 @@ pub async fn delete(
     json_mode: bool,
     domain: &str,
     snapshot: &str,
-    metadata_only: bool,
+    mut o: Opts<'_>,
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, domain).await?;
     let p = d.find_snapshot(snapshot).await?;
     let s = SnapshotProxy::builder(conn).path(p).build().await?;
-    let mut o = Opts::new();
     o.insert("async", Variant::Bool(true));
-    if metadata_only {
-        o.insert("metadata-only", Variant::Bool(true));
-    }
     let job = s.delete(o).await?;
     follow_job(conn, job, json_mode).await?;
     output::emit(

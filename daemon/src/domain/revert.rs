@@ -719,8 +719,15 @@ impl Actor {
     async fn dependents(&self, base: &Path) -> ServiceResult<Vec<PathBuf>> {
         let mut out = Vec::new();
         for f in self.known_images() {
-            if f != base && backing_of(&f).await?.map(|(b, _)| b).as_deref() == Some(base) {
-                out.push(f);
+            if f == base {
+                continue;
+            }
+            match backing_of(&f).await {
+                Ok(b) if b.as_ref().map(|(b, _)| b.as_path()) == Some(base) => out.push(f),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "cannot read the backing file of a known image")
+                }
             }
         }
         Ok(out)
@@ -755,10 +762,12 @@ impl Actor {
                 .find(|(f, _)| Path::new(f) == p)
                 .map(|(_, n)| n.clone())
         };
-        let base_fmt = backing_of(&overlay)
-            .await?
-            .map(|(_, f)| f)
-            .unwrap_or_else(|| d.format.clone());
+        // The overlay may be gone already: merged away by the delete of a later snapshot.
+        let base_fmt = match overlay.exists() {
+            true => backing_of(&overlay).await?.map(|(_, f)| f),
+            false => None,
+        }
+        .unwrap_or_else(|| d.format.clone());
         if deps == [overlay.clone()] {
             match (node(&overlay), node(&image)) {
                 (Some(top), Some(base)) => {

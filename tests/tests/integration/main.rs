@@ -9,3 +9,4 @@ mod introspection;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
+mod tree;

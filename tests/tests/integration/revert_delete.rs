@@ -536,3 +536,115 @@ async fn revert_internal_checkpoint_under_later_overlays_uses_a_private_copy() {
     let e = source(&env, "cp", "vdb");
     assert!(qemu_io_verify_pattern(&e, "qcow2", 0xa1, OFF, 4096));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_children_options_and_branch_in_one_step() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "ch");
+    vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0xa1, OFF, 4096);
+    env.client
+        .ok(["create", "ch", "--name", "r", "--disk-only"]);
+    env.client
+        .ok(["create", "ch", "--name", "c1", "--disk-only"]);
+    env.client
+        .ok(["create", "ch", "--name", "c2", "--disk-only"]);
+    // Branch from r in one step: the new snapshot's parent is r, and the disk is r's data.
+    let v = env.client.json([
+        "create",
+        "ch",
+        "--name",
+        "b1",
+        "--disk-only",
+        "--parent",
+        "r",
+    ]);
+    assert_eq!(v["parent"], "r");
+    let names = |env: &TestEnv| -> Vec<String> {
+        let mut v: Vec<String> = env
+            .client
+            .json(["list", "ch"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&env), vec!["b1", "c1", "c2", "r"]);
+    // children-only keeps r, removes its subtree.
+    env.client.ok(["delete", "ch", "r", "--children-only"]);
+    assert_eq!(names(&env), vec!["r"]);
+    env.client.ok([
+        "create",
+        "ch",
+        "--name",
+        "d1",
+        "--disk-only",
+        "--parent",
+        "r",
+    ]);
+    env.client
+        .ok(["create", "ch", "--name", "d2", "--disk-only"]);
+    // Revert with delete-children: r's descendants go, then the revert.
+    env.client.ok(["revert", "ch", "r", "--delete-children"]);
+    assert_eq!(names(&env), vec!["r"]);
+    assert!(qemu_io_verify_pattern(
+        &source(&env, "ch", "vdb"),
+        "qcow2",
+        0xa1,
+        OFF,
+        4096
+    ));
+    env.client
+        .ok(["create", "ch", "--name", "e1", "--disk-only"]);
+    // children removes the snapshot and its subtree.
+    env.client.ok(["delete", "ch", "r", "--children"]);
+    assert!(names(&env).is_empty());
+    assert!(
+        qemu_io_verify_pattern(&source(&env, "ch", "vdb"), "qcow2", 0xa1, OFF, 4096),
+        "the active data survives"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_snapshot_operation_while_one_runs_is_busy() {
+    let env = TestEnv::start_with_hooks(&["migrate-bandwidth=131072"]);
+    let (_a, _b) = setup(&env, "busy");
+    env.client.ok(["domain", "start", "busy"]);
+    env.client
+        .ok(["create", "busy", "--name", "s0", "--disk-only"]);
+    let mem = env.images_dir().join("busy.mem");
+    let v = env.client.json([
+        "create",
+        "busy",
+        "--name",
+        "slow",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+        "--no-wait",
+    ]);
+    assert!(v["job"].as_str().unwrap().contains("/job/"));
+    let (code, err) = env.client.err(["revert", "busy", "s0"]);
+    assert_eq!(code, 5, "a revert during a snapshot is Busy: {err}");
+    let (code, err) = env
+        .client
+        .err(["create", "busy", "--name", "other", "--disk-only"]);
+    assert_eq!(code, 5, "{err}");
+    poll_until(
+        Deadline::after(std::time::Duration::from_secs(60)),
+        "the slow snapshot to finish",
+        || {
+            let l = env.client.json(["list", "busy"]);
+            l.as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["name"] == "slow")
+                .then_some(())
+        },
+    );
+    // Free again.
+    env.client.ok(["revert", "busy", "s0"]);
+}
