@@ -93,6 +93,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("revert", self.handle.id().0, &caller(&header));
+        let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;
         let server2 = server.clone();
@@ -103,7 +104,7 @@ impl SnapshotIface {
                 // The RFC's alternative to branching: the target's descendants go first.
                 for child in descendants_post_order(&handle.info(), id) {
                     let before = handle.info();
-                    handle.delete_snapshot(child, false).await?;
+                    handle.delete_snapshot(child, false, Some(j.clone())).await?;
                     sync_snapshots(&server2, &service, &handle, Some(&before), &handle.info())
                         .await;
                 }
@@ -165,6 +166,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("delete-snapshot", self.handle.id().0, &caller(&header));
+        let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;
         let server2 = server.clone();
@@ -180,7 +182,7 @@ impl SnapshotIface {
             }
             for victim in victims {
                 let before = handle.info();
-                handle.delete_snapshot(victim, metadata_only).await?;
+                handle.delete_snapshot(victim, metadata_only, Some(j.clone())).await?;
                 let now = handle.info();
                 sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
             }

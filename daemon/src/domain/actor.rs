@@ -80,6 +80,7 @@ enum Request {
     DeleteSnapshot {
         snapshot: SnapshotId,
         metadata_only: bool,
+        job: Option<Arc<Job>>,
         reply: Reply<()>,
     },
     Start {
@@ -305,10 +306,12 @@ impl DomainHandle {
         &self,
         snapshot: SnapshotId,
         metadata_only: bool,
+        job: Option<Arc<Job>>,
     ) -> ServiceResult<()> {
         self.call(|reply| Request::DeleteSnapshot {
             snapshot,
             metadata_only,
+            job,
             reply,
         })
         .await
@@ -356,6 +359,8 @@ pub(super) struct Actor {
     expecting_exit: bool,
     pending_shutdown: Option<PendingShutdown>,
     pending_detach: Vec<PendingDetach>,
+    /// The job reporting the progress of the operation being carried out, if any.
+    pub(super) progress: Option<Arc<Job>>,
 }
 
 enum Wake {
@@ -412,6 +417,7 @@ pub async fn spawn(
         expecting_exit: false,
         pending_shutdown: None,
         pending_detach: Vec::new(),
+        progress: None,
     };
     match connection {
         Some((qmp, events)) => actor.adopt(qmp, events).await,
@@ -732,9 +738,12 @@ impl Actor {
             Request::DeleteSnapshot {
                 snapshot,
                 metadata_only,
+                job,
                 reply,
             } => {
+                self.progress = job;
                 let r = self.delete_snapshot(snapshot, metadata_only).await;
+                self.progress = None;
                 let _ = reply.send(r);
             }
             Request::Stop { .. } => unreachable!("handled by the loop"),

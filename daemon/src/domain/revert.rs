@@ -819,37 +819,84 @@ impl Actor {
         } else {
             // Branches: each dependent takes a copy of the image's data (a safe rebase onto the
             // image's own backing file), after which the image is no longer needed.
-            if deps
-                .iter()
-                .chain(std::iter::once(&image))
-                .any(|p| node(p).is_some())
-            {
-                return Err(ServiceError::Unsupported(format!(
-                    "deleting snapshot {:?}: disk {} has branches whose merge needs the domain shut \
-                     off; shut it off and delete it then",
-                    rec.name, d.target
-                )));
-            }
             let needed_elsewhere = self.info.borrow().snapshots.values().any(|r| {
                 r.id != rec.id
                     && record::disks(r).iter().any(|x| {
                         x.data_file() == &image || (x.mode == "internal" && x.image == image)
                     })
-            }) || self
-                .info
-                .borrow()
-                .def
-                .disks
-                .iter()
-                .any(|x| x.source == image);
-            match backing_of(&image).await? {
-                Some((backing, fmt)) if !needed_elsewhere => Ok(Merge::Stream {
-                    image,
-                    backing,
-                    backing_fmt: fmt,
-                    dependents: deps,
-                }),
-                _ => Ok(Merge::Keep),
+            }) || self.info.borrow().def.disks.iter().any(|x| x.source == image);
+            let Some((backing, fmt)) = backing_of(&image).await? else {
+                // A root image: every branch keeps using it as it is.
+                return Ok(Merge::Keep);
+            };
+            if needed_elsewhere {
+                return Ok(Merge::Keep);
+            }
+            // Dependents the running guest uses are streamed by QEMU itself; the others are
+            // rebased offline (reading the shared images with force-share).
+            let mut live = Vec::new();
+            let mut offline = Vec::new();
+            for dep in deps {
+                match node(&dep) {
+                    Some(n) => live.push(n),
+                    None => offline.push(dep),
+                }
+            }
+            let base_node = if live.is_empty() {
+                None
+            } else {
+                Some(node(&backing).ok_or_else(|| {
+                    ServiceError::Unsupported(format!(
+                        "deleting snapshot {:?}: the backing file of disk {}'s image is not open \
+                         in the running guest; shut the domain off and delete it then",
+                        rec.name, d.target
+                    ))
+                })?)
+            };
+            Ok(Merge::Stream { image, backing, backing_fmt: fmt, dependents: offline, live, base_node })
+        }
+    }
+
+    /// Follows a block job to its end, reporting bytes; fails with its error.
+    async fn wait_block_job(
+        &self,
+        qmp: &Qmp,
+        events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+        job_id: &str,
+        what: &str,
+    ) -> ServiceResult<()> {
+        let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
+        loop {
+            if let Some(j) = &self.progress
+                && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
+                && let Some(bj) = jobs.as_array().into_iter().flatten().find(|b| b["device"] == job_id)
+            {
+                j.set_bytes(bj["offset"].as_u64().unwrap_or(0), bj["len"].as_u64().unwrap_or(0));
+            }
+            let poll = (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
+            let ev = match qmp
+                .wait_event(events, poll, |e| {
+                    e.data.get("device").and_then(serde_json::Value::as_str) == Some(job_id)
+                        && matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+                })
+                .await
+            {
+                Ok(ev) => ev,
+                Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                Err(e) => return Err(ServiceError::qemu(what.to_string())(e)),
+            };
+            if let Some(err) = ev.data.get("error").and_then(serde_json::Value::as_str) {
+                return Err(ServiceError::Qemu {
+                    context: format!("{what} failed"),
+                    source: crate::qmp::QmpError::Command {
+                        class: "GenericError".into(),
+                        desc: err.into(),
+                        command: job_id.into(),
+                    },
+                });
+            }
+            if ev.name == "BLOCK_JOB_COMPLETED" {
+                return Ok(());
             }
         }
     }
@@ -934,9 +981,20 @@ impl Actor {
                         "cannot start merging the snapshot's data",
                     ))?;
                 let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
+                if let Some(j) = &self.progress {
+                    j.set_phase("merge");
+                }
                 loop {
-                    let ev = qmp
-                        .wait_event(&mut events, deadline, |e| {
+                    // Byte progress from the block job while waiting for its events.
+                    if let Some(j) = &self.progress
+                        && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
+                        && let Some(bj) = jobs.as_array().into_iter().flatten().find(|b| b["device"] == job_id.as_str())
+                    {
+                        j.set_bytes(bj["offset"].as_u64().unwrap_or(0), bj["len"].as_u64().unwrap_or(0));
+                    }
+                    let poll = (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
+                    let ev = match qmp
+                        .wait_event(&mut events, poll, |e| {
                             e.data.get("device").and_then(serde_json::Value::as_str)
                                 == Some(job_id.as_str())
                                 && matches!(
@@ -945,7 +1003,11 @@ impl Actor {
                                 )
                         })
                         .await
-                        .map_err(ServiceError::qemu("merging the snapshot's data"))?;
+                    {
+                        Ok(ev) => ev,
+                        Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                        Err(e) => return Err(ServiceError::qemu("merging the snapshot's data")(e)),
+                    };
                     match ev.name.as_str() {
                         "BLOCK_JOB_READY" => {
                             qmp.execute("job-complete", Some(json!({"id": job_id})))
@@ -977,15 +1039,22 @@ impl Actor {
                 remove_quietly(&overlay);
                 Ok(Some((overlay, image, base_fmt)))
             }
-            Merge::Stream {
-                image,
-                backing,
-                backing_fmt,
-                dependents,
-            } => {
+            Merge::Stream { image, backing, backing_fmt, dependents, live, base_node } => {
+                if let (Some(base), false) = (&base_node, live.is_empty()) {
+                    let qmp = self.qmp()?.clone();
+                    for (n, top) in live.iter().enumerate() {
+                        let job_id = format!("vmsnap-stream-{}-{n}", rec.id.0);
+                        let mut events = qmp.subscribe();
+                        qmp.execute("block-stream", Some(json!({"job-id": job_id, "device": top, "base-node": base})))
+                            .await
+                            .map_err(ServiceError::qemu("cannot start copying the snapshot's data into a branch"))?;
+                        self.wait_block_job(&qmp, &mut events, &job_id, "copying the snapshot's data into a branch").await?;
+                    }
+                }
                 for f in &dependents {
                     qemu_img(&[
                         "rebase".as_ref(),
+                        "-U".as_ref(),
                         "-f".as_ref(),
                         "qcow2".as_ref(),
                         "-F".as_ref(),
@@ -1070,12 +1139,16 @@ enum Merge {
         base_fmt: String,
         active: bool,
     },
-    /// Branches: every dependent is rebased (with data) onto the image's backing file.
+    /// Branches: every dependent takes the image's data and is put on the image's backing file:
+    /// `block-stream` for the nodes of the running guest (`live`, down to `base_node`), a safe
+    /// `qemu-img rebase` for the files it does not use (`dependents`).
     Stream {
         image: PathBuf,
         backing: PathBuf,
         backing_fmt: String,
         dependents: Vec<PathBuf>,
+        live: Vec<String>,
+        base_node: Option<String>,
     },
 }
 
