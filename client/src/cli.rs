@@ -85,6 +85,9 @@ pub enum Command {
         /// Delete the snapshot's descendants first instead of branching.
         #[arg(long)]
         delete_children: bool,
+        /// Replace a running guest whose disks or hardware changed since the snapshot.
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a snapshot.
     #[command(

@@ -125,11 +125,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             running,
             paused,
             delete_children,
+            force,
         } => {
             let o = flags(&[
                 (running, "running"),
                 (paused, "paused"),
                 (delete_children, "delete-children"),
+                (force, "force"),
             ]);
             snapshot::revert(&conn, &manager, json_mode, &domain, &snapshot, o).await?
         }

@@ -427,7 +427,7 @@ impl DomainIface {
             if let Some(parent) = branch_from {
                 // The RFC's option 2a: branch from an existing snapshot in one step.
                 j.set_phase("revert");
-                handle.revert(parent, None).await?;
+                handle.revert(parent, None, true).await?;
             }
             let id = handle.create_snapshot(req, "manual".to_string(), j).await?;
             let info = handle.info();

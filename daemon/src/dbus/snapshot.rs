@@ -54,7 +54,9 @@ fn children(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
 #[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
 impl SnapshotIface {
     /// Reverts the domain to this snapshot (a job). Options: `running` (b) or `paused` (b) to
-    /// choose the state to end in instead of the snapshot's, `async` (b). Internal snapshots
+    /// choose the state to end in instead of the snapshot's, `delete-children` (b: delete the
+    /// snapshot's descendants first instead of branching), `force` (b: allowed to replace a
+    /// running guest whose disks or hardware changed since the snapshot), `async` (b). Internal snapshots
     /// revert in place when the configuration is unchanged; snapshots with external files are
     /// refused with `Unsupported` for now.
     async fn revert(
@@ -70,10 +72,12 @@ impl SnapshotIface {
                 option::RUNNING,
                 option::PAUSED,
                 option::DELETE_CHILDREN,
+                option::FORCE,
                 option::ASYNC,
             ],
         )?;
         let delete_children = opts.bool(option::DELETE_CHILDREN)?.unwrap_or(false);
+        let force = opts.bool(option::FORCE)?.unwrap_or(false);
         let running = match (opts.bool(option::RUNNING)?, opts.bool(option::PAUSED)?) {
             (Some(true), Some(true)) => {
                 return Err(Error::InvalidArgument(
@@ -104,12 +108,14 @@ impl SnapshotIface {
                 // The RFC's alternative to branching: the target's descendants go first.
                 for child in descendants_post_order(&handle.info(), id) {
                     let before = handle.info();
-                    handle.delete_snapshot(child, false, Some(j.clone())).await?;
+                    handle
+                        .delete_snapshot(child, false, Some(j.clone()))
+                        .await?;
                     sync_snapshots(&server2, &service, &handle, Some(&before), &handle.info())
                         .await;
                 }
             }
-            handle.revert(id, running).await?;
+            handle.revert(id, running, force).await?;
             let p = obj(snapshot_path(handle.id().0, id.0));
             if let Ok(iface) = server2
                 .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
@@ -182,7 +188,9 @@ impl SnapshotIface {
             }
             for victim in victims {
                 let before = handle.info();
-                handle.delete_snapshot(victim, metadata_only, Some(j.clone())).await?;
+                handle
+                    .delete_snapshot(victim, metadata_only, Some(j.clone()))
+                    .await?;
                 let now = handle.info();
                 sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
             }

@@ -75,6 +75,7 @@ enum Request {
     Revert {
         snapshot: SnapshotId,
         running: Option<bool>,
+        force: bool,
         reply: Reply<()>,
     },
     DeleteSnapshot {
@@ -292,10 +293,16 @@ impl DomainHandle {
 
     /// Reverts the domain to a snapshot; `running` overrides the state the snapshot recorded
     /// (`Some(true)` running, `Some(false)` paused).
-    pub async fn revert(&self, snapshot: SnapshotId, running: Option<bool>) -> ServiceResult<()> {
+    pub async fn revert(
+        &self,
+        snapshot: SnapshotId,
+        running: Option<bool>,
+        force: bool,
+    ) -> ServiceResult<()> {
         self.call(|reply| Request::Revert {
             snapshot,
             running,
+            force,
             reply,
         })
         .await
@@ -361,6 +368,8 @@ pub(super) struct Actor {
     pending_detach: Vec<PendingDetach>,
     /// The job reporting the progress of the operation being carried out, if any.
     pub(super) progress: Option<Arc<Job>>,
+    /// Whether the revert being carried out may replace a running guest's hardware.
+    pub(super) revert_force: bool,
 }
 
 enum Wake {
@@ -418,6 +427,7 @@ pub async fn spawn(
         pending_shutdown: None,
         pending_detach: Vec::new(),
         progress: None,
+        revert_force: false,
     };
     match connection {
         Some((qmp, events)) => actor.adopt(qmp, events).await,
@@ -730,9 +740,12 @@ impl Actor {
             Request::Revert {
                 snapshot,
                 running,
+                force,
                 reply,
             } => {
+                self.revert_force = force;
                 let r = self.revert(snapshot, running).await;
+                self.revert_force = false;
                 let _ = reply.send(r);
             }
             Request::DeleteSnapshot {

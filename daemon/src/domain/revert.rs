@@ -33,6 +33,30 @@ use crate::snapshot::create::wait_job_concluded;
 use crate::snapshot::record::{self, DiskRecord};
 
 /// How a record can be reverted or deleted by this module.
+/// Whether two definitions describe the same virtual hardware (disk files aside): a guest can
+/// then be reverted without the caller accepting that its QEMU is replaced with another setup.
+fn same_hardware(a: &DomainDef, b: &DomainDef) -> bool {
+    let disks = |d: &DomainDef| -> Vec<(String, String, bool, bool, bool)> {
+        d.disks
+            .iter()
+            .map(|x| {
+                (
+                    x.target.clone(),
+                    x.bus.as_str().to_string(),
+                    x.readonly,
+                    x.shareable,
+                    x.transient,
+                )
+            })
+            .collect()
+    };
+    a.memory_kib == b.memory_kib
+        && a.vcpus == b.vcpus
+        && a.machine == b.machine
+        && a.arch == b.arch
+        && disks(a) == disks(b)
+}
+
 /// A new overlay path beside `base`, named after the snapshot, that does not exist yet.
 fn fresh_overlay_path(base: &Path, snapshot: &str) -> ServiceResult<PathBuf> {
     let dir = base.parent().unwrap_or(Path::new("/"));
@@ -264,6 +288,16 @@ impl Actor {
             ))
         })?;
         let mem = record::memory(&rec);
+        let current_hw = self.info.borrow().def.clone();
+        if self.state().is_active() && !same_hardware(&current_hw, &snap_def) && !self.revert_force
+        {
+            return Err(ServiceError::InvalidState(format!(
+                "the configuration of snapshot {:?} differs from the running guest's (disks or \
+                 hardware changed since), so reverting replaces the guest's QEMU; pass force to \
+                 do that",
+                rec.name
+            )));
+        }
         let mut shared_image = false;
         for d in &disks {
             shared_image |= self.image_has_dependents(&d.image).await?;
@@ -824,7 +858,13 @@ impl Actor {
                     && record::disks(r).iter().any(|x| {
                         x.data_file() == &image || (x.mode == "internal" && x.image == image)
                     })
-            }) || self.info.borrow().def.disks.iter().any(|x| x.source == image);
+            }) || self
+                .info
+                .borrow()
+                .def
+                .disks
+                .iter()
+                .any(|x| x.source == image);
             let Some((backing, fmt)) = backing_of(&image).await? else {
                 // A root image: every branch keeps using it as it is.
                 return Ok(Merge::Keep);
@@ -853,7 +893,14 @@ impl Actor {
                     ))
                 })?)
             };
-            Ok(Merge::Stream { image, backing, backing_fmt: fmt, dependents: offline, live, base_node })
+            Ok(Merge::Stream {
+                image,
+                backing,
+                backing_fmt: fmt,
+                dependents: offline,
+                live,
+                base_node,
+            })
         }
     }
 
@@ -869,11 +916,19 @@ impl Actor {
         loop {
             if let Some(j) = &self.progress
                 && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
-                && let Some(bj) = jobs.as_array().into_iter().flatten().find(|b| b["device"] == job_id)
+                && let Some(bj) = jobs
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|b| b["device"] == job_id)
             {
-                j.set_bytes(bj["offset"].as_u64().unwrap_or(0), bj["len"].as_u64().unwrap_or(0));
+                j.set_bytes(
+                    bj["offset"].as_u64().unwrap_or(0),
+                    bj["len"].as_u64().unwrap_or(0),
+                );
             }
-            let poll = (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
+            let poll =
+                (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
             let ev = match qmp
                 .wait_event(events, poll, |e| {
                     e.data.get("device").and_then(serde_json::Value::as_str) == Some(job_id)
@@ -882,7 +937,9 @@ impl Actor {
                 .await
             {
                 Ok(ev) => ev,
-                Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => {
+                    continue;
+                }
                 Err(e) => return Err(ServiceError::qemu(what.to_string())(e)),
             };
             if let Some(err) = ev.data.get("error").and_then(serde_json::Value::as_str) {
@@ -988,11 +1045,20 @@ impl Actor {
                     // Byte progress from the block job while waiting for its events.
                     if let Some(j) = &self.progress
                         && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
-                        && let Some(bj) = jobs.as_array().into_iter().flatten().find(|b| b["device"] == job_id.as_str())
+                        && let Some(bj) = jobs
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|b| b["device"] == job_id.as_str())
                     {
-                        j.set_bytes(bj["offset"].as_u64().unwrap_or(0), bj["len"].as_u64().unwrap_or(0));
+                        j.set_bytes(
+                            bj["offset"].as_u64().unwrap_or(0),
+                            bj["len"].as_u64().unwrap_or(0),
+                        );
                     }
-                    let poll = (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
+                    let poll = (tokio::time::Instant::now()
+                        + crate::snapshot::create::MIGRATE_POLL)
+                        .min(deadline);
                     let ev = match qmp
                         .wait_event(&mut events, poll, |e| {
                             e.data.get("device").and_then(serde_json::Value::as_str)
@@ -1005,7 +1071,11 @@ impl Actor {
                         .await
                     {
                         Ok(ev) => ev,
-                        Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => continue,
+                        Err(crate::qmp::QmpError::Timeout(_))
+                            if tokio::time::Instant::now() < deadline =>
+                        {
+                            continue;
+                        }
                         Err(e) => return Err(ServiceError::qemu("merging the snapshot's data")(e)),
                     };
                     match ev.name.as_str() {
@@ -1039,16 +1109,34 @@ impl Actor {
                 remove_quietly(&overlay);
                 Ok(Some((overlay, image, base_fmt)))
             }
-            Merge::Stream { image, backing, backing_fmt, dependents, live, base_node } => {
+            Merge::Stream {
+                image,
+                backing,
+                backing_fmt,
+                dependents,
+                live,
+                base_node,
+            } => {
                 if let (Some(base), false) = (&base_node, live.is_empty()) {
                     let qmp = self.qmp()?.clone();
                     for (n, top) in live.iter().enumerate() {
                         let job_id = format!("vmsnap-stream-{}-{n}", rec.id.0);
                         let mut events = qmp.subscribe();
-                        qmp.execute("block-stream", Some(json!({"job-id": job_id, "device": top, "base-node": base})))
-                            .await
-                            .map_err(ServiceError::qemu("cannot start copying the snapshot's data into a branch"))?;
-                        self.wait_block_job(&qmp, &mut events, &job_id, "copying the snapshot's data into a branch").await?;
+                        qmp.execute(
+                            "block-stream",
+                            Some(json!({"job-id": job_id, "device": top, "base-node": base})),
+                        )
+                        .await
+                        .map_err(ServiceError::qemu(
+                            "cannot start copying the snapshot's data into a branch",
+                        ))?;
+                        self.wait_block_job(
+                            &qmp,
+                            &mut events,
+                            &job_id,
+                            "copying the snapshot's data into a branch",
+                        )
+                        .await?;
                     }
                 }
                 for f in &dependents {

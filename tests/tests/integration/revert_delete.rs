@@ -117,7 +117,15 @@ async fn revert_rolls_back_configuration_of_running_guest() {
     env.client
         .ok(["domain", "attach-disk", "cfg", disk.to_str().unwrap()]);
     assert!(has_open(&qemu_pid(&env), &extra));
-    env.client.ok(["revert", "cfg", "before-disk"]);
+    // The running guest's hardware changed since: replacing it needs force.
+    let (code, err) = env.client.err(["revert", "cfg", "before-disk"]);
+    assert_eq!(code, 9, "{err}");
+    assert!(err.contains("force"), "{err}");
+    assert!(
+        has_open(&qemu_pid(&env), &extra),
+        "the refused revert changed nothing"
+    );
+    env.client.ok(["revert", "cfg", "before-disk", "--force"]);
     let xml = env.client.ok(["domain", "dumpxml", "cfg"]);
     assert!(
         !xml.contains("extra.raw"),
@@ -297,10 +305,12 @@ async fn delete_with_branches_while_running_streams_into_every_branch() {
     let env = TestEnv::start();
     let (_a, b) = setup(&env, "dr");
     vmsnap_tests::qemu_io_write_pattern(&b, "qcow2", 0x11, 0, 4096);
-    env.client.ok(["create", "dr", "--name", "s0", "--disk-only"]);
+    env.client
+        .ok(["create", "dr", "--name", "s0", "--disk-only"]);
     let o0 = source(&env, "dr", "vdb");
     vmsnap_tests::qemu_io_write_pattern(&o0, "qcow2", 0xa1, OFF, 4096);
-    env.client.ok(["create", "dr", "--name", "s1", "--disk-only"]);
+    env.client
+        .ok(["create", "dr", "--name", "s1", "--disk-only"]);
     let o1 = source(&env, "dr", "vdb");
     vmsnap_tests::qemu_io_write_pattern(&o1, "qcow2", 0xb2, OFF, 4096);
     env.client.ok(["revert", "dr", "s1", "--running"]);
@@ -311,16 +321,25 @@ async fn delete_with_branches_while_running_streams_into_every_branch() {
     // s1's image (o0) backs the running branch n1 and the old line o1.
     env.client.ok(["delete", "dr", "s1"]);
     assert_eq!(qemu_pid(&env), pid, "merged while the guest runs");
-    assert_eq!(env.client.json(["domain", "info", "dr"])["state"], "running");
+    assert_eq!(
+        env.client.json(["domain", "info", "dr"])["state"],
+        "running"
+    );
     assert!(!o0.exists(), "the merged image is removed");
     env.client.ok(["domain", "destroy", "dr"]);
-    assert!(qemu_io_verify_pattern(&n1, "qcow2", 0xc3, OFF, 4096), "the running branch keeps its data");
+    assert!(
+        qemu_io_verify_pattern(&n1, "qcow2", 0xc3, OFF, 4096),
+        "the running branch keeps its data"
+    );
     assert!(qemu_io_verify_pattern(&n1, "qcow2", 0x11, 0, 4096));
     assert!(qemu_io_verify_pattern(&o1, "qcow2", 0xb2, OFF, 4096));
     assert!(qemu_io_verify_pattern(&o1, "qcow2", 0x11, 0, 4096));
     env.client.ok(["revert", "dr", "s0"]);
     let n0 = source(&env, "dr", "vdb");
-    assert!(qemu_io_verify_pattern(&n0, "qcow2", 0x11, 0, 4096), "s0 still reverts to its data");
+    assert!(
+        qemu_io_verify_pattern(&n0, "qcow2", 0x11, 0, 4096),
+        "s0 still reverts to its data"
+    );
     assert!(!qemu_io_verify_pattern(&n0, "qcow2", 0xa1, OFF, 4096));
 }
 
