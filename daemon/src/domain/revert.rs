@@ -22,7 +22,6 @@ use serde_json::json;
 use tracing::info;
 
 use super::actor::{Actor, qemu_img};
-use std::os::unix::fs::OpenOptionsExt;
 
 use super::def::DomainDef;
 use super::state::{GuestEvent, GuestState};
@@ -89,14 +88,7 @@ fn fresh_overlay_path(base: &Path, snapshot: &str) -> ServiceResult<PathBuf> {
 
 /// Copies an image file exclusively (the copy is new), keeping holes.
 async fn copy_sparse(from: &Path, to: &Path) -> ServiceResult<()> {
-    drop(
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(to)
-            .map_err(ServiceError::io(format!("cannot create {}", to.display())))?,
-    );
+    drop(crate::snapshot::create::create_exclusive(to)?);
     let out = tokio::process::Command::new("cp")
         .args(["--sparse=always", "--reflink=auto"])
         .arg(from)
@@ -547,17 +539,7 @@ impl Actor {
                 "external" => {
                     let base = d.data_file().clone();
                     let overlay = fresh_overlay_path(&base, &rec.name)?;
-                    drop(
-                        std::fs::OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .mode(0o600)
-                            .open(&overlay)
-                            .map_err(ServiceError::io(format!(
-                                "cannot create {}",
-                                overlay.display()
-                            )))?,
-                    );
+                    drop(crate::snapshot::create::create_exclusive(&overlay)?);
                     created.push(overlay.clone());
                     let fmt = if d.format.is_empty() {
                         disk.format.as_str().to_string()
@@ -904,7 +886,8 @@ impl Actor {
         }
     }
 
-    /// Follows a block job to its end, reporting bytes; fails with its error.
+    /// Follows a block job to its end, reporting bytes and completing it when it is ready (an
+    /// active commit); fails with its error.
     async fn wait_block_job(
         &self,
         qmp: &Qmp,
@@ -932,7 +915,10 @@ impl Actor {
             let ev = match qmp
                 .wait_event(events, poll, |e| {
                     e.data.get("device").and_then(serde_json::Value::as_str) == Some(job_id)
-                        && matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR")
+                        && matches!(
+                            e.name.as_str(),
+                            "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR"
+                        )
                 })
                 .await
             {
@@ -952,8 +938,15 @@ impl Actor {
                     },
                 });
             }
-            if ev.name == "BLOCK_JOB_COMPLETED" {
-                return Ok(());
+            match ev.name.as_str() {
+                // An active commit waits for the switch to the merged image.
+                "BLOCK_JOB_READY" => {
+                    qmp.execute("job-complete", Some(json!({"id": job_id})))
+                        .await
+                        .map_err(ServiceError::qemu(format!("cannot finish {what}")))?;
+                }
+                "BLOCK_JOB_COMPLETED" => return Ok(()),
+                _ => {}
             }
         }
     }
@@ -1037,73 +1030,11 @@ impl Actor {
                     .map_err(ServiceError::qemu(
                         "cannot start merging the snapshot's data",
                     ))?;
-                let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
                 if let Some(j) = &self.progress {
                     j.set_phase("merge");
                 }
-                loop {
-                    // Byte progress from the block job while waiting for its events.
-                    if let Some(j) = &self.progress
-                        && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
-                        && let Some(bj) = jobs
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .find(|b| b["device"] == job_id.as_str())
-                    {
-                        j.set_bytes(
-                            bj["offset"].as_u64().unwrap_or(0),
-                            bj["len"].as_u64().unwrap_or(0),
-                        );
-                    }
-                    let poll = (tokio::time::Instant::now()
-                        + crate::snapshot::create::MIGRATE_POLL)
-                        .min(deadline);
-                    let ev = match qmp
-                        .wait_event(&mut events, poll, |e| {
-                            e.data.get("device").and_then(serde_json::Value::as_str)
-                                == Some(job_id.as_str())
-                                && matches!(
-                                    e.name.as_str(),
-                                    "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR"
-                                )
-                        })
-                        .await
-                    {
-                        Ok(ev) => ev,
-                        Err(crate::qmp::QmpError::Timeout(_))
-                            if tokio::time::Instant::now() < deadline =>
-                        {
-                            continue;
-                        }
-                        Err(e) => return Err(ServiceError::qemu("merging the snapshot's data")(e)),
-                    };
-                    match ev.name.as_str() {
-                        "BLOCK_JOB_READY" => {
-                            qmp.execute("job-complete", Some(json!({"id": job_id})))
-                                .await
-                                .map_err(ServiceError::qemu(
-                                    "cannot finish merging the snapshot's data",
-                                ))?;
-                        }
-                        "BLOCK_JOB_COMPLETED" => {
-                            if let Some(err) =
-                                ev.data.get("error").and_then(serde_json::Value::as_str)
-                            {
-                                return Err(ServiceError::Qemu {
-                                    context: "merging the snapshot's data failed".into(),
-                                    source: crate::qmp::QmpError::Command {
-                                        class: "GenericError".into(),
-                                        desc: err.into(),
-                                        command: "block-commit".into(),
-                                    },
-                                });
-                            }
-                            break;
-                        }
-                        _ => {}
-                    }
-                }
+                self.wait_block_job(&qmp, &mut events, &job_id, "merging the snapshot's data")
+                    .await?;
                 // The merged overlay left the graph; close it if the monitor still holds it.
                 let _ = qmp.blockdev_del(&top).await;
                 remove_quietly(&overlay);

@@ -128,7 +128,7 @@ async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String,
 }
 
 /// Creates `path` exclusively, readable only by the daemon.
-fn create_exclusive(path: &Path) -> ServiceResult<std::fs::File> {
+pub(crate) fn create_exclusive(path: &Path) -> ServiceResult<std::fs::File> {
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
