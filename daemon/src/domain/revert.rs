@@ -417,6 +417,33 @@ impl Actor {
                     d.data_file().display()
                 )));
             }
+            // Altered files: the image must still be of the recorded format with a readable
+            // backing chain.
+            let info = qemu_img(&[
+                "info".as_ref(),
+                "-U".as_ref(),
+                "--backing-chain".as_ref(),
+                "--output=json".as_ref(),
+                d.data_file().as_os_str(),
+            ])
+            .await
+            .map_err(|e| {
+                ServiceError::InvalidState(format!(
+                    "snapshot {:?} needs {}, whose backing chain cannot be read: {e}",
+                    rec.name,
+                    d.data_file().display()
+                ))
+            })?;
+            let chain: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
+            let found = chain[0]["format"].as_str().unwrap_or("");
+            if !d.format.is_empty() && found != d.format {
+                return Err(ServiceError::InvalidState(format!(
+                    "snapshot {:?} needs {} as a {} image, but it is now {found}: it was altered",
+                    rec.name,
+                    d.data_file().display(),
+                    d.format
+                )));
+            }
         }
         let mem = record::memory(rec);
         if let Some(f) = mem.file.as_ref().filter(|_| mem.mode == "external")

@@ -667,3 +667,29 @@ async fn second_snapshot_operation_while_one_runs_is_busy() {
     // Free again.
     env.client.ok(["revert", "busy", "s0"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_to_snapshot_with_altered_image_is_refused_before_any_work() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "alt");
+    env.client
+        .ok(["create", "alt", "--name", "s", "--disk-only"]);
+    let xml = env.client.ok(["domain", "dumpxml", "alt"]);
+    // Someone overwrote the snapshot's image header behind the daemon's back.
+    let mut bytes = std::fs::read(&b).unwrap();
+    bytes[..4].copy_from_slice(b"XXXX");
+    std::fs::write(&b, &bytes).unwrap();
+    let files_before = std::fs::read_dir(env.images_dir()).unwrap().count();
+    let (code, err) = env.client.err(["revert", "alt", "s"]);
+    assert_eq!(code, 9, "{err}");
+    assert!(
+        err.contains("altered") || err.contains("cannot be read"),
+        "{err}"
+    );
+    assert_eq!(env.client.ok(["domain", "dumpxml", "alt"]), xml);
+    assert_eq!(
+        std::fs::read_dir(env.images_dir()).unwrap().count(),
+        files_before,
+        "no overlay was made"
+    );
+}
