@@ -54,10 +54,10 @@ impl Settings {
             Self {
                 smoke,
                 reps: 9,
-                big_reps: 5,
+                big_reps: 3,
                 big_guest: true,
                 scales: vec![10, 1_000, 10_000],
-                slow_call_budget: Duration::from_secs(30),
+                slow_call_budget: Duration::from_secs(20),
             }
         }
     }
@@ -129,7 +129,17 @@ pub fn bench_run(root: &Path, args: &[String]) -> Result<()> {
     let ops = ops::run(&settings)?;
     eprintln!("bench: catalog scale {:?}", settings.scales);
     let scales = catalog::run(&settings)?;
-    let text = report::render(&settings, &facts, &ops, &scales, started.elapsed());
+    let analysis_path = root.join(report::ANALYSIS_FILE);
+    let analysis = std::fs::read_to_string(&analysis_path)
+        .with_context(|| format!("cannot read {}", analysis_path.display()))?;
+    let text = report::render(
+        &settings,
+        &facts,
+        &ops,
+        &scales,
+        started.elapsed(),
+        &analysis,
+    );
     println!("{text}");
     if !settings.smoke {
         let path = root.join("BENCHMARKS.md");

@@ -8,12 +8,15 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::json;
 use vmsnap_dbus::proxy::{DomainProxy, ManagerProxy, SnapshotProxy};
-use vmsnap_tests::{DiskSpec, ForeignDisk, ForeignQemu, TestEnv, counter_boot_qcow2, domain_xml};
+use vmsnap_tests::guest::disk_target;
+use vmsnap_tests::process::ChildGuard;
+use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
 use zbus::{OwnedObjectPath, Variant as Value};
 
 use super::guest::{self, DONE_ADDR, FILL_DONE, FILL_PATTERN};
@@ -76,12 +79,52 @@ impl Ctx<'_> {
     }
 }
 
-/// A floor QEMU in its own directory (the harness names its sockets per directory).
-fn floor_qemu(dir: &Path, disks: &[ForeignDisk], extra: &[&str]) -> Result<(ForeignQemu, Qmp)> {
+/// The accelerator vmsnapd picks (`kvm` when `/dev/kvm` opens read-write, else `tcg`); the
+/// floor QEMU uses the same one, so both sides run the same kind of guest.
+pub fn accel() -> &'static str {
+    let kvm = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm { "kvm" } else { "tcg" }
+}
+
+/// A floor QEMU of the benchmark's own, like the harness's `ForeignQemu` (q35, `-nodefaults`,
+/// disks as `-blockdev` with format nodes `drive-vdX` on virtio-blk, the first one booting)
+/// but with vmsnapd's accelerator and `memory_mib` of RAM. Killed and reaped on drop.
+struct FloorQemu {
+    _child: ChildGuard,
+}
+
+fn floor_qemu(dir: &Path, disks: &[&Path], memory_mib: u32) -> Result<(FloorQemu, Qmp)> {
     std::fs::create_dir_all(dir)?;
-    let qemu = ForeignQemu::start_with(dir, disks, extra);
-    let qmp = Qmp::connect(qemu.qmp_socket())?;
-    Ok((qemu, qmp))
+    let socket = dir.join("qmp.sock");
+    let log = std::fs::File::create(dir.join("qemu.log"))?;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-machine", &format!("q35,accel={}", accel())])
+        .args(["-m", &memory_mib.to_string(), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", socket.display()));
+    for (i, disk) in disks.iter().enumerate() {
+        let t = disk_target(i);
+        cmd.arg("-blockdev").arg(format!(
+            "driver=file,filename={},node-name=file-{t}",
+            disk.display()
+        ));
+        cmd.arg("-blockdev")
+            .arg(format!("driver=qcow2,file=file-{t},node-name=drive-{t}"));
+        let boot = if i == 0 { ",bootindex=1" } else { "" };
+        cmd.arg("-device")
+            .arg(format!("virtio-blk-pci,drive=drive-{t},id={t}{boot}"));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let child = ChildGuard::spawn("qemu-system-x86_64", &mut cmd)?;
+    let qmp = Qmp::connect(&socket)?;
+    Ok((FloorQemu { _child: child }, qmp))
 }
 
 fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(Duration, T)> {
@@ -143,14 +186,7 @@ fn external_disk_only(ctx: &Ctx<'_>) -> Result<(Row, Row)> {
     let fdata = dir.join("floor-ext-vdb.qcow2");
     counter_boot_qcow2(&fboot);
     qcow2(&fdata, "64M");
-    let (_qemu, mut qmp) = floor_qemu(
-        &dir.join("floor-ext"),
-        &[
-            ForeignDisk::new(&fboot, "qcow2"),
-            ForeignDisk::new(&fdata, "qcow2"),
-        ],
-        &[],
-    )?;
+    let (_qemu, mut qmp) = floor_qemu(&dir.join("floor-ext"), &[&fboot, &fdata], 64)?;
     let targets = ["vda", "vdb"];
     // Node stacks per disk, active node last.
     let mut nodes: Vec<Vec<String>> = targets.iter().map(|t| vec![format!("drive-{t}")]).collect();
@@ -281,11 +317,7 @@ fn internal(ctx: &Ctx<'_>) -> Result<(Row, Row, Row)> {
     )?;
     let fdisk = dir.join("floor-int-vda.qcow2");
     counter_boot_qcow2(&fdisk);
-    let (_qemu, mut qmp) = floor_qemu(
-        &dir.join("floor-int"),
-        &[ForeignDisk::new(&fdisk, "qcow2")],
-        &[],
-    )?;
+    let (_qemu, mut qmp) = floor_qemu(&dir.join("floor-int"), &[&fdisk], 64)?;
     let save_args = |tag: &str, job: &str| json!({"job-id": job, "tag": tag, "vmstate": "drive-vda", "devices": ["drive-vda"]});
 
     // Internal checkpoints.
@@ -397,8 +429,8 @@ fn wait_filled(what: &str, mut read: impl FnMut(u64) -> Result<u32>) -> Result<D
     let t = Instant::now();
     while read(DONE_ADDR)? != FILL_DONE {
         ensure!(
-            t.elapsed() < Duration::from_secs(300),
-            "{what}: the fill guest did not finish in 300 s"
+            t.elapsed() < Duration::from_secs(900),
+            "{what}: the fill guest did not finish in 900 s"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -454,12 +486,9 @@ fn external_checkpoint(ctx: &Ctx<'_>) -> Result<(Row, Vec<String>)> {
     let domain = ctx.domain("big", &xml)?;
     let fdisk = dir.join("floor-big-vda.qcow2");
     guest::fill_boot_qcow2(&fdisk)?;
-    let mem = BIG_MEMORY_MIB.to_string();
-    let (_qemu, mut qmp) = floor_qemu(
-        &dir.join("floor-big"),
-        &[ForeignDisk::new(&fdisk, "qcow2")],
-        &["-m", &mem],
-    )?;
+    // Both guests fill their RAM at the same time (slow under nested KVM: every first touch
+    // of a page is a fault in the host).
+    let (_qemu, mut qmp) = floor_qemu(&dir.join("floor-big"), &[&fdisk], BIG_MEMORY_MIB)?;
     let fill_daemon = wait_filled("vmsnap guest", |a| daemon_xp(&domain, a))?;
     let fill_floor = wait_filled("floor guest", |a| floor_xp(&mut qmp, a))?;
     // As the daemon does: no bandwidth limit for a local file; events for the floor's wait.
@@ -555,7 +584,7 @@ fn external_checkpoint(ctx: &Ctx<'_>) -> Result<(Row, Vec<String>)> {
         format!(
             "External checkpoint: VM state file {:.0} MiB (RAM filled from 1 MiB to 1 GiB with \
              0x{FILL_PATTERN:08x}; checked with HMP `xp` at {} in both guests; the fill took \
-             {:.1} s in the vmsnap guest and {:.1} s in the floor guest under TCG).",
+             {:.1} s in the vmsnap guest and {:.1} s in the floor guest, accelerator {}).",
             size as f64 / f64::from(1 << 20),
             guest::probe_addresses()
                 .iter()
@@ -564,6 +593,7 @@ fn external_checkpoint(ctx: &Ctx<'_>) -> Result<(Row, Vec<String>)> {
                 .join(", "),
             fill_daemon.as_secs_f64(),
             fill_floor.as_secs_f64(),
+            accel(),
         ),
         format!(
             "Throughput of the same {:.0} MiB: vmsnap D-Bus {}, client {}, raw `migrate` floor {}; \
