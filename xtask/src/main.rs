@@ -5,23 +5,33 @@
 //! - `demo`: install system packages, build, then drive a real vmsnapd on a private bus with
 //!   the `vmsnap` client through a guest's life, echoing every command. Everything it starts is
 //!   stopped and removed at the end, on failure too (the test harness's guards do it).
+//! - `bench [--smoke]`: release build, then vmsnap (D-Bus and client) against the raw QMP
+//!   floor and catalog scale; writes `BENCHMARKS.md` (see [`bench`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod bench;
+
 use anyhow::{Context, Result, bail};
 use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
 
-const USAGE: &str = "usage: cargo xtask <ci|demo>
-  ci    fmt check, clippy, build, tests (what CI runs)
-  demo  build and run vmsnapd with a small guest on a private bus";
+const USAGE: &str = "usage: cargo xtask <ci|demo|bench>
+  ci               fmt check, clippy, build, tests (what CI runs)
+  demo             build and run vmsnapd with a small guest on a private bus
+  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md";
 
 fn main() -> Result<()> {
-    let task = std::env::args().nth(1);
-    match task.as_deref() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (task, rest) = args
+        .split_first()
+        .map_or((None, &[][..]), |(t, r)| (Some(t), r));
+    match task.map(String::as_str) {
         Some("ci") => ci(),
         Some("demo") => demo(),
+        Some("bench") => bench::bench(&root(), &cargo(), rest),
+        Some("bench-run") => bench::bench_run(&root(), rest),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
