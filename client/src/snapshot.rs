@@ -123,7 +123,12 @@ pub async fn follow_job(
     path: OwnedObjectPath,
     json_mode: bool,
 ) -> Result<OwnedObjectPath, Failure> {
-    let job = JobProxy::builder(conn).path(path).build().await?;
+    // Uncached: a cached Result/Finished could lag behind the Completed signal.
+    let job = JobProxy::builder(conn)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?;
     let mut completed = job.receive_completed().await?;
     let tty = !json_mode && std::io::stderr().is_terminal();
     let mut drawn = false;

@@ -160,8 +160,11 @@ async fn domain_shutdown_async_returns_a_job_that_reports_completion() {
     ]);
     let job = v["job"].as_str().unwrap().to_string();
     assert!(job.starts_with("/org/vmsnap/VmSnap1/job/"), "{job}");
+    // Uncached: the proxy's cache follows PropertiesChanged on its own schedule, which may lag
+    // behind the Completed signal the recorder saw.
     let job_proxy = vmsnap_dbus::proxy::JobProxy::builder(&conn)
         .path(job.as_str())
+        .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
         .unwrap();

@@ -64,6 +64,7 @@ async fn introspection_xml_matches_committed_file() {
     let job_path = d.create_snapshot("s1", "", o).await.unwrap();
     let job = JobProxy::builder(&conn)
         .path(job_path.clone())
+        .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
         .unwrap();
