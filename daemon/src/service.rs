@@ -420,7 +420,7 @@ async fn discover_def(qmp: &Qmp, name: &str) -> ServiceResult<DomainDef> {
 }
 
 /// The device id in a qdev path such as `/machine/peripheral/vda/virtio-backend` or `vda`.
-fn qdev_target(qdev: &str) -> Option<String> {
+pub(crate) fn qdev_target(qdev: &str) -> Option<String> {
     if !qdev.contains('/') {
         return (!qdev.is_empty()).then(|| qdev.to_string());
     }

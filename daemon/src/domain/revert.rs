@@ -989,7 +989,9 @@ impl Actor {
             .find(|b| {
                 b.qdev
                     .as_deref()
-                    .is_some_and(|q| q == target || q.contains(&format!("/{target}/")))
+                    .and_then(crate::service::qdev_target)
+                    .as_deref()
+                    == Some(target)
             })
             .and_then(|b| b.inserted.map(|i| i.node_name))
             .ok_or_else(|| {
@@ -1020,18 +1022,8 @@ impl Actor {
                 ])
                 .await?;
                 for f in deps {
-                    qemu_img(&[
-                        "rebase".as_ref(),
-                        "-u".as_ref(),
-                        "-f".as_ref(),
-                        "qcow2".as_ref(),
-                        "-F".as_ref(),
-                        base_fmt.as_ref(),
-                        "-b".as_ref(),
-                        image.as_os_str(),
-                        f.as_os_str(),
-                    ])
-                    .await?;
+                    // The data is the same through the merged image: only the header changes.
+                    rebase(&f, &image, &base_fmt, "-u").await?;
                 }
                 remove_quietly(&overlay);
                 Ok(Some((overlay, image, base_fmt)))
@@ -1098,18 +1090,9 @@ impl Actor {
                     }
                 }
                 for f in &dependents {
-                    qemu_img(&[
-                        "rebase".as_ref(),
-                        "-U".as_ref(),
-                        "-f".as_ref(),
-                        "qcow2".as_ref(),
-                        "-F".as_ref(),
-                        backing_fmt.as_ref(),
-                        "-b".as_ref(),
-                        backing.as_os_str(),
-                        f.as_os_str(),
-                    ])
-                    .await?;
+                    // A safe rebase copies the image's data into the branch; the images the
+                    // guest holds open are read with force-share.
+                    rebase(f, &backing, &backing_fmt, "-U").await?;
                 }
                 remove_quietly(&image);
                 Ok(None)
@@ -1196,6 +1179,24 @@ enum Merge {
         live: Vec<String>,
         base_node: Option<String>,
     },
+}
+
+/// `qemu-img rebase` of qcow2 `file` onto `backing`; `mode` is `-u` (header only) or `-U`
+/// (safe rebase that copies data, reading shared images with force-share).
+async fn rebase(file: &Path, backing: &Path, backing_fmt: &str, mode: &str) -> ServiceResult<()> {
+    qemu_img(&[
+        "rebase".as_ref(),
+        mode.as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        "-F".as_ref(),
+        backing_fmt.as_ref(),
+        "-b".as_ref(),
+        backing.as_os_str(),
+        file.as_os_str(),
+    ])
+    .await
+    .map(|_| ())
 }
 
 fn remove_quietly(p: &Path) {

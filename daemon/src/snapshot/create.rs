@@ -88,19 +88,6 @@ struct Undo {
     operation: Option<crate::catalog::OperationId>,
 }
 
-fn target_of_qdev(qdev: &str) -> Option<&str> {
-    if !qdev.contains('/') {
-        return Some(qdev);
-    }
-    let mut parts = qdev.split('/');
-    while let Some(p) = parts.next() {
-        if p == "peripheral" {
-            return parts.next();
-        }
-    }
-    None
-}
-
 async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String, TopNode>> {
     let blocks = qmp
         .query_block()
@@ -111,11 +98,11 @@ async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String,
         let (Some(qdev), Some(ins)) = (b.qdev.as_deref(), b.inserted.as_ref()) else {
             continue;
         };
-        let Some(target) = target_of_qdev(qdev) else {
+        let Some(target) = crate::service::qdev_target(qdev) else {
             continue;
         };
         out.insert(
-            target.to_string(),
+            target,
             TopNode {
                 node: ins.node_name.clone(),
                 virtual_size: ins.image.virtual_size,
