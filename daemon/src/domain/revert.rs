@@ -1,18 +1,22 @@
-//! Reverting to snapshots, deleting internal snapshots, and forgetting records.
+//! Reverting to and deleting snapshots, in any tree shape, and forgetting records.
 //!
 //! Revert never writes to an image that another snapshot or the active chain depends on:
 //! - internal checkpoint, unchanged configuration, guest running: `snapshot-load` in place,
 //!   no new QEMU;
-//! - internal snapshots otherwise: `qemu-img snapshot -a` on the images (refused when an image
-//!   has become the backing file of an overlay), the snapshot's configuration, and for a
-//!   checkpoint a new QEMU into which the state is loaded;
+//! - internal snapshots otherwise: `qemu-img snapshot -a` on the images (on a private copy when
+//!   an image has become the backing file of an overlay), the snapshot's configuration, and for
+//!   a checkpoint a new QEMU into which the state is loaded;
 //! - external disks: a new overlay on top of the snapshot's image for each disk (a branch), so
 //!   the snapshot and its children stay valid; external VM state is loaded into a new QEMU
 //!   started with `-incoming defer`.
 //!
-//! Every check (files present, tags present, nothing depending on an image to be written) is
-//! made before the first change. Deleting snapshots with external files needs merges that keep
-//! every branch valid and is refused with `Unsupported` for now.
+//! Delete removes internal tags and merges external data so that every remaining snapshot keeps
+//! its content: `block-commit` when the overlay is the image's only dependent (live) or
+//! `qemu-img commit` (offline); with branches, every dependent takes the image's data
+//! (`block-stream` for the running one, `qemu-img rebase` for the others) and the image goes.
+//!
+//! Every check (files present and unaltered, tags present, hardware unchanged or `force`) is
+//! made before the first change, and each operation is journaled in the catalog.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
