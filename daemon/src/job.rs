@@ -226,6 +226,16 @@ impl JobRegistry {
             .cloned()
     }
 
+    /// Every registered job's number, in order (finished ones that still linger included).
+    pub fn ids(&self) -> Vec<JobId> {
+        self.jobs
+            .lock()
+            .expect("job registry poisoned")
+            .keys()
+            .copied()
+            .collect()
+    }
+
     /// Number of jobs that have not finished.
     pub fn running(&self) -> usize {
         self.jobs

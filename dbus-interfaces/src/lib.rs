@@ -6,6 +6,7 @@
 //! `org.vmsnap.VmSnap1.xml`; a test compares the two.
 
 pub mod error;
+pub mod introspection;
 pub mod names;
 pub mod proxy;
 

@@ -40,6 +40,9 @@ pub trait Manager {
     /// The daemon's version.
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
+    /// Every job object on the bus, running or lingering after it finished.
+    #[zbus(property)]
+    fn jobs(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
     /// A domain was defined or attached.
     #[zbus(signal)]
     fn domain_added(&self, domain: OwnedObjectPath, name: String) -> zbus::Result<()>;
@@ -181,6 +184,9 @@ pub trait Snapshot {
     /// Whether this is the current snapshot.
     #[zbus(property)]
     fn is_current(&self) -> zbus::Result<bool>;
+    /// Bytes allocated for the files the snapshot added (0 for internal snapshots).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn size_on_disk(&self) -> zbus::Result<u64>;
 }
 
 /// `org.vmsnap.VmSnap1.Job` on `/org/vmsnap/VmSnap1/job/<n>`.

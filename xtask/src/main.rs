@@ -7,6 +7,10 @@
 //!   stopped and removed at the end, on failure too (the test harness's guards do it).
 //! - `bench [--smoke]`: release build, then vmsnap (D-Bus and client) against the raw QMP
 //!   floor and catalog scale; writes `BENCHMARKS.md` (see [`bench`]).
+//! - `dbus-xml`: build, then rewrite `dbus-interfaces/org.vmsnap.VmSnap1.xml` from a running
+//!   daemon's introspection with each member's `///` doc as a DocString annotation (the
+//!   introspection test with `VMSNAP_BLESS=1`).
+//! - `man`: build, then write the client's man pages into `target/man/man1`.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -17,10 +21,12 @@ mod bench;
 use anyhow::{Context, Result, bail};
 use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
 
-const USAGE: &str = "usage: cargo xtask <ci|demo|bench>
+const USAGE: &str = "usage: cargo xtask <ci|demo|bench|dbus-xml|man>
   ci               fmt check, clippy, build, tests (what CI runs)
   demo             build and run vmsnapd with a small guest on a private bus
-  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md";
+  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md
+  dbus-xml         regenerate dbus-interfaces/org.vmsnap.VmSnap1.xml from the daemon
+  man              write the vmsnap man pages into target/man/man1";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +38,8 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("bench") => bench::bench(&root(), &cargo(), rest),
         Some("bench-run") => bench::bench_run(&root(), rest),
+        Some("dbus-xml") => dbus_xml(),
+        Some("man") => man(),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -66,6 +74,44 @@ fn step(program: &str, args: &[&str]) -> Result<()> {
     if !status.success() {
         bail!("`{shown} {}` failed ({status})", args.join(" "));
     }
+    Ok(())
+}
+
+/// Regenerates the committed introspection XML: the introspection test, blessing.
+fn dbus_xml() -> Result<()> {
+    let cargo = cargo();
+    step(&cargo, &["build", "--workspace"])?;
+    let status = Command::new(&cargo)
+        .args([
+            "test",
+            "-p",
+            "vmsnap-tests",
+            "--test",
+            "integration",
+            "introspection::introspection_xml_matches_committed_file",
+        ])
+        .env("VMSNAP_BLESS", "1")
+        .current_dir(root())
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("the introspection test failed while blessing ({status})");
+    }
+    println!("==> wrote dbus-interfaces/org.vmsnap.VmSnap1.xml");
+    Ok(())
+}
+
+/// Writes the client's man pages (`vmsnap man --out-dir`) into `target/man/man1`.
+fn man() -> Result<()> {
+    let cargo = cargo();
+    step(&cargo, &["build", "-p", "vmsnap"])?;
+    let dir = root().join("target/man/man1");
+    let client = root().join("target/debug/vmsnap");
+    step(
+        client.to_str().context("non-UTF-8 path")?,
+        &["man", "--out-dir", dir.to_str().context("non-UTF-8 path")?],
+    )?;
+    println!("==> man pages in {}", dir.display());
     Ok(())
 }
 

@@ -218,6 +218,7 @@ where
     server
         .at(path.as_ref(), JobIface { job: job.clone() })
         .await?;
+    super::manager::ManagerIface::announce_jobs(server).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let server = server.clone();
     let service = service.clone();
@@ -262,6 +263,7 @@ where
         tokio::time::sleep(JOB_LINGER).await;
         let _ = server.remove::<JobIface, _>(p.as_ref()).await;
         service.jobs.remove(job.id());
+        super::manager::ManagerIface::announce_jobs(&server).await;
     });
     Ok((path, rx))
 }

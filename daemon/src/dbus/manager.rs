@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vmsnap_dbus::Error;
-use vmsnap_dbus::names::{domain_path, option};
+use vmsnap_dbus::names::{domain_path, job_path, option};
 use zbus::object_server::SignalEmitter;
 use zbus::{ObjectPath, ObjectServer, OwnedObjectPath, OwnedVariant, interface};
 
@@ -20,6 +20,17 @@ pub struct ManagerIface {
 }
 
 impl ManagerIface {
+    /// Announces a change of the `Jobs` property (a job object appeared or went away). A
+    /// failed emission only means nobody was told; the property stays right.
+    pub async fn announce_jobs(server: &ObjectServer) {
+        if let Ok(iface) = server
+            .interface::<_, ManagerIface>(vmsnap_dbus::names::ROOT_PATH)
+            .await
+        {
+            let _ = iface.get().await.jobs_changed(iface.signal_emitter()).await;
+        }
+    }
+
     /// Serves `service`.
     pub fn new(service: Arc<Service>) -> Self {
         ManagerIface { service }
@@ -108,6 +119,18 @@ impl ManagerIface {
     #[zbus(property)]
     async fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").to_string()
+    }
+
+    /// Every job object on the bus: running ones and finished ones that linger for a few
+    /// seconds so that their `Result` can still be read. Announced by `PropertiesChanged`.
+    #[zbus(property)]
+    async fn jobs(&self) -> Vec<OwnedObjectPath> {
+        self.service
+            .jobs
+            .ids()
+            .into_iter()
+            .map(|id| path(job_path(id.0)))
+            .collect()
     }
 
     /// A domain was defined or attached.

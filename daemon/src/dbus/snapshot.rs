@@ -2,7 +2,8 @@
 //! domain's snapshot map.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmsnap_dbus::names::option;
 use zbus::OwnedVariant;
@@ -21,11 +22,17 @@ use crate::catalog::{SnapshotId, SnapshotRecord};
 use crate::domain::actor::{DomainHandle, DomainInfo};
 use crate::snapshot::record;
 
+/// How long a computed `SizeOnDisk` is reused, so that a front end listing many snapshots
+/// (or `GetManagedObjects`) does not stat the same files again and again.
+const SIZE_CACHE_TTL: Duration = Duration::from_secs(5);
+
 /// The D-Bus face of a snapshot.
 pub struct SnapshotIface {
     service: Arc<Service>,
     handle: DomainHandle,
     id: SnapshotId,
+    /// The last `SizeOnDisk` answer and when it was computed.
+    size_cache: Mutex<Option<(Instant, u64)>>,
 }
 
 fn obj(s: String) -> OwnedObjectPath {
@@ -329,6 +336,24 @@ impl SnapshotIface {
             .collect()
     }
 
+    /// Bytes allocated on the host for the files this snapshot added: its external VM-state
+    /// file and the overlays created on its external disks (which grow with what the guest
+    /// writes after the snapshot). 0 for internal snapshots, whose data shares the disk
+    /// images. Computed from file sizes when read (reused for 5 s); not announced by
+    /// `PropertiesChanged` since it changes with every guest write.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn size_on_disk(&self) -> u64 {
+        let mut cache = self.size_cache.lock().expect("size cache poisoned");
+        if let Some((at, size)) = *cache
+            && at.elapsed() < SIZE_CACHE_TTL
+        {
+            return size;
+        }
+        let size = self.field(record::size_on_disk);
+        *cache = Some((Instant::now(), size));
+        size
+    }
+
     /// Whether this is the domain's current snapshot (the parent of the next one).
     #[zbus(property)]
     async fn is_current(&self) -> bool {
@@ -368,6 +393,7 @@ pub async fn sync_snapshots(
                         service: service.clone(),
                         handle: handle.clone(),
                         id: *new,
+                        size_cache: Mutex::new(None),
                     },
                 )
                 .await

@@ -60,6 +60,26 @@ pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
     })
 }
 
+/// Bytes the host file system has allocated for the files this snapshot added: its external
+/// VM-state file and the overlays created on top of its external disks (they hold what the
+/// guest wrote since the snapshot). Internal snapshot data lives inside disk images shared with
+/// other snapshots and is not counted; a file that is gone counts 0. Only `stat` calls: cheap
+/// enough to answer a property read.
+pub fn size_on_disk(rec: &SnapshotRecord) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let allocated = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .map(|m| m.blocks().saturating_mul(512))
+            .unwrap_or(0)
+    };
+    let memory = memory(rec).file.as_deref().map(allocated).unwrap_or(0);
+    disks(rec)
+        .iter()
+        .filter_map(|d| d.overlay.as_deref())
+        .map(allocated)
+        .fold(memory, u64::saturating_add)
+}
+
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {

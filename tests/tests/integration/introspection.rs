@@ -1,35 +1,16 @@
 //! The committed introspection XML (`dbus-interfaces/org.vmsnap.VmSnap1.xml`) must be what the
-//! running daemon serves. Run with `VMSNAP_BLESS=1` to rewrite the committed file after an
-//! intended API change.
+//! running daemon serves, with each member's `///` comment (which zbus serves as an XML
+//! comment) as an `org.freedesktop.DBus.DocString` annotation; every member must have one.
+//! `cargo xtask dbus-xml` (this test with `VMSNAP_BLESS=1`) rewrites the committed file after
+//! an intended API change.
 
 use std::collections::HashMap;
 
+use vmsnap_dbus::introspection;
 use vmsnap_dbus::names::{BUS_NAME, ROOT_PATH};
 use vmsnap_dbus::proxy::{DomainProxy, JobProxy, ManagerProxy};
 use vmsnap_tests::{Deadline, DiskSpec, TestEnv, domain_xml, poll_until_async, qemu_img_create};
 use zbus::fdo::IntrospectableProxy;
-
-/// The `<interface name="org.vmsnap.VmSnap1.*">` blocks of an introspection document.
-fn vmsnap_interfaces(xml: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(start) = rest.find("<interface name=\"org.vmsnap.VmSnap1.") {
-        let block = &rest[start..];
-        let end =
-            block.find("</interface>").expect("unterminated interface") + "</interface>".len();
-        let text = &block[..end];
-        let name = text["<interface name=\"".len()..]
-            .split('"')
-            .next()
-            .unwrap()
-            .to_string();
-        // Nested objects are introspected at a deeper indentation: compare without it.
-        let flat: Vec<&str> = text.lines().map(str::trim).collect();
-        out.push((name, flat.join("\n")));
-        rest = &block[end..];
-    }
-    out
-}
 
 async fn introspect(conn: &zbus::Connection, path: &str) -> String {
     let p = IntrospectableProxy::builder(conn)
@@ -79,23 +60,15 @@ async fn introspection_xml_matches_committed_file() {
         job.error_message().await.unwrap()
     );
     let spath = job.result().await.unwrap();
-    let mut blocks: Vec<(String, String)> = Vec::new();
-    for x in [
+    let docs = [
         introspect(&conn, ROOT_PATH).await,
         introspect(&conn, dpath.as_str()).await,
         job_xml,
         introspect(&conn, spath.as_str()).await,
-    ] {
-        blocks.extend(vmsnap_interfaces(&x));
-    }
-    blocks.sort();
-    for w in blocks.windows(2) {
-        if w[0].0 == w[1].0 {
-            assert_eq!(w[0].1, w[1].1, "one interface introspected two ways");
-        }
-    }
-    blocks.dedup();
-    let names: Vec<&str> = blocks.iter().map(|(n, _)| n.as_str()).collect();
+    ];
+    let served = introspection::parse(docs.iter().map(String::as_str))
+        .unwrap_or_else(|e| panic!("the daemon's introspection does not parse: {e}"));
+    let names: Vec<&str> = served.interfaces.iter().map(|i| i.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -105,18 +78,14 @@ async fn introspection_xml_matches_committed_file() {
             "org.vmsnap.VmSnap1.Snapshot"
         ]
     );
-    let mut doc = String::from(
-        "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \
-         \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n",
+    let undocumented = served.undocumented();
+    assert!(
+        undocumented.is_empty(),
+        "these D-Bus members have no doc: put a `///` comment on each in daemon/src/dbus/ \
+         (zbus serves it; it becomes the DocString annotation), then re-bless:\n  {}",
+        undocumented.join("\n  ")
     );
-    for (_, text) in &blocks {
-        for line in text.lines() {
-            doc.push_str("  ");
-            doc.push_str(line);
-            doc.push('\n');
-        }
-    }
-    doc.push_str("</node>\n");
+    let doc = introspection::render(&served);
     let committed_path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../dbus-interfaces/org.vmsnap.VmSnap1.xml"
@@ -124,10 +93,27 @@ async fn introspection_xml_matches_committed_file() {
     if std::env::var_os("VMSNAP_BLESS").is_some() {
         std::fs::write(committed_path, &doc).unwrap();
     }
-    let committed = std::fs::read_to_string(committed_path).unwrap();
+    let committed_text = std::fs::read_to_string(committed_path).unwrap();
+    let committed = introspection::parse([committed_text.as_str()])
+        .unwrap_or_else(|e| panic!("the committed introspection XML does not parse: {e}"));
+    let missing = committed.undocumented();
     assert!(
-        committed == doc,
-        "the committed introspection XML differs from the daemon's; if the change is intended, \
-         run the test with VMSNAP_BLESS=1.\n--- daemon:\n{doc}"
+        missing.is_empty(),
+        "the committed XML lacks a {} annotation on:\n  {}",
+        introspection::DOC_ANNOTATION,
+        missing.join("\n  ")
+    );
+    let shape = served.shape_differences(&committed);
+    assert!(
+        shape.is_empty(),
+        "the daemon's D-Bus API (first) differs from the committed XML (second), docs ignored; \
+         if the change is intended, run `cargo xtask dbus-xml` (or this test with \
+         VMSNAP_BLESS=1):\n  {}",
+        shape.join("\n  ")
+    );
+    assert!(
+        committed_text == doc,
+        "the committed introspection XML's docs differ from the daemon's `///` comments; run \
+         `cargo xtask dbus-xml` (or this test with VMSNAP_BLESS=1).\n--- expected:\n{doc}"
     );
 }
