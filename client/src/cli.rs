@@ -4,7 +4,16 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-const EXIT_CODES: &str = "\
+/// The top-level `--help` epilogue: examples, then the exit codes.
+const MAIN_HELP: &str = "\
+EXAMPLES:
+  vmsnap domain list
+  vmsnap create web1 --name before-upgrade
+  vmsnap list web1 --tree
+  vmsnap revert web1 before-upgrade
+  vmsnap jobs
+  vmsnap --json info web1 before-upgrade
+
 EXIT CODES:
   0  success
   1  failed (QEMU error, internal failure, bus unreachable)
@@ -17,11 +26,14 @@ EXIT CODES:
   8  unsupported
   9  invalid state (e.g. the domain is not running)
  10  timed out
- 11  cancelled";
+ 11  cancelled
+
+With --json, results are one JSON document on stdout and errors one JSON object
+{\"error\": NAME, \"message\": TEXT} on stderr.";
 
 /// Command-line client of vmsnapd, the QEMU snapshot manager.
 #[derive(Parser, Debug)]
-#[command(version, about, after_help = EXIT_CODES)]
+#[command(version, about, after_help = MAIN_HELP)]
 pub struct Cli {
     /// Bus address (default: the system bus; DBUS_SYSTEM_BUS_ADDRESS is honoured).
     #[arg(long, global = true, env = "VMSNAP_ADDRESS")]
@@ -41,9 +53,13 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Manage domains.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  vmsnap domain define web1.xml\n  vmsnap domain start web1"
+    )]
     Domain(DomainCommand),
     /// Print the client's and the daemon's versions.
+    #[command(after_help = "Example:\n  vmsnap version --json")]
     Version,
     /// Take a snapshot of a domain.
     #[command(after_help = "Examples:
@@ -53,11 +69,27 @@ pub enum Command {
   vmsnap create web1 --disk vda=internal --disk vdb=external:/vm/vdb.snap1.qcow2 --disk-only
   vmsnap create web1 --xml snapshot.xml                     # a libvirt <domainsnapshot> document")]
     Create(CreateArgs),
-    /// List a domain's snapshots.
-    #[command(after_help = "Example:\n  vmsnap list web1 --json")]
+    /// List a domain's snapshots: a table, or a tree with --tree.
+    #[command(after_help = "Examples:
+  vmsnap list web1                     # NAME CREATED STATE KIND C DESCRIPTION (C: * = current)
+  vmsnap list web1 --tree              # the snapshot tree, like virsh snapshot-list --tree
+  vmsnap list web1 --leaves --parent   # snapshots without children, with their parents
+  vmsnap list web1 --json              # every field, for programs")]
     List {
         /// Domain name.
         domain: String,
+        /// Draw the snapshot tree.
+        #[arg(long, conflicts_with_all = ["roots", "leaves", "parent"])]
+        tree: bool,
+        /// Only snapshots without a parent.
+        #[arg(long)]
+        roots: bool,
+        /// Only snapshots without children.
+        #[arg(long)]
+        leaves: bool,
+        /// Add a PARENT column.
+        #[arg(long)]
+        parent: bool,
     },
     /// Show one snapshot.
     #[command(after_help = "Example:\n  vmsnap info web1 before-upgrade")]
@@ -88,6 +120,9 @@ pub enum Command {
         /// Replace a running guest whose disks or hardware changed since the snapshot.
         #[arg(long)]
         force: bool,
+        /// Print the job's path and return at once.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Delete a snapshot.
     #[command(
@@ -107,6 +142,9 @@ pub enum Command {
         /// Delete the snapshot's descendants and keep it.
         #[arg(long)]
         children_only: bool,
+        /// Print the job's path and return at once.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Print a snapshot as libvirt <domainsnapshot> XML.
     #[command(after_help = "Example:\n  vmsnap dumpxml web1 before-upgrade")]
@@ -115,6 +153,37 @@ pub enum Command {
         domain: String,
         /// Snapshot name.
         snapshot: String,
+    },
+    /// List running jobs and finished ones that still linger.
+    #[command(after_help = "Examples:\n  vmsnap jobs\n  vmsnap jobs --json")]
+    Jobs,
+    /// Ask a job to stop (refused while it is past the point where stopping is clean).
+    #[command(after_help = "Examples:
+  vmsnap cancel 7
+  vmsnap cancel /org/vmsnap/VmSnap1/job/7
+  job=$(vmsnap create web1 --memory external --memory-file /vm/web1.mem --no-wait)
+  vmsnap cancel \"$job\"")]
+    Cancel {
+        /// Job number or object path.
+        job: String,
+    },
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:
+  vmsnap completions bash > /etc/bash_completion.d/vmsnap
+  vmsnap completions zsh > /usr/local/share/zsh/site-functions/_vmsnap
+  vmsnap completions fish > ~/.config/fish/completions/vmsnap.fish")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, or write every page (vmsnap.1, vmsnap-create.1, ...) into a directory.
+    #[command(after_help = "Examples:
+  vmsnap man | man -l -
+  vmsnap man --out-dir /usr/local/share/man/man1")]
+    Man {
+        /// Write vmsnap.1 and one page per command into this directory.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
 }
 
@@ -280,4 +349,61 @@ pub enum DomainCommand {
         #[arg(long)]
         config_only: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command, nested ones included, with its full name.
+    fn walk(cmd: &clap::Command, prefix: &str, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let name = format!("{prefix} {}", sub.get_name());
+            out.push((name.clone(), sub.clone()));
+            walk(sub, &name, out);
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cli_every_command_has_an_example_in_its_help() {
+        let mut all = Vec::new();
+        walk(&Cli::command(), "vmsnap", &mut all);
+        let missing: Vec<&str> = all
+            .iter()
+            .filter(|(_, c)| {
+                !c.get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"))
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "commands without an `after_help` example section: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn cli_help_documents_every_exit_code() {
+        let help = Cli::command().render_long_help().to_string();
+        for code in [
+            "3  not found",
+            "4  already exists",
+            "5  busy",
+            "6  not authorised",
+        ] {
+            assert!(help.contains(code), "--help lacks {code:?}");
+        }
+        for code in ["7  invalid argument", "8  unsupported", "9  invalid state"] {
+            assert!(help.contains(code), "--help lacks {code:?}");
+        }
+        for code in ["10  timed out", "11  cancelled", "1  failed"] {
+            assert!(help.contains(code), "--help lacks {code:?}");
+        }
+    }
 }

@@ -5,7 +5,10 @@
 //! scripts can rely on (see `EXIT CODES` in `--help`).
 
 mod cli;
+mod jobs;
+mod local;
 mod output;
+mod progress;
 mod snapshot;
 
 use std::collections::HashMap;
@@ -22,6 +25,13 @@ use output::Failure;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that need no daemon run before any bus connection.
+    if let Some(result) = local::run(&cli.command) {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(f) => f.report(cli.json),
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -115,7 +125,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Domain(cmd) => domain(&conn, &manager, json_mode, cmd).await?,
         Command::Create(args) => snapshot::create(&conn, &manager, json_mode, args).await?,
-        Command::List { domain } => snapshot::list(&conn, &manager, json_mode, &domain).await?,
+        Command::List {
+            domain,
+            tree,
+            roots,
+            leaves,
+            parent,
+        } => {
+            let view = snapshot::ListView {
+                tree,
+                roots,
+                leaves,
+                parent,
+            };
+            snapshot::list_view(&conn, &manager, json_mode, &domain, view).await?
+        }
         Command::Info { domain, snapshot } => {
             snapshot::info(&conn, &manager, json_mode, &domain, &snapshot).await?
         }
@@ -126,6 +150,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             paused,
             delete_children,
             force,
+            no_wait,
         } => {
             let o = flags(&[
                 (running, "running"),
@@ -133,7 +158,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 (delete_children, "delete-children"),
                 (force, "force"),
             ]);
-            snapshot::revert(&conn, &manager, json_mode, &domain, &snapshot, o).await?
+            if no_wait {
+                snapshot::start_job(&conn, &manager, json_mode, &domain, &snapshot, "revert", o)
+                    .await?
+            } else {
+                snapshot::revert(&conn, &manager, json_mode, &domain, &snapshot, o).await?
+            }
         }
         Command::Delete {
             domain,
@@ -141,17 +171,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             metadata_only,
             children,
             children_only,
+            no_wait,
         } => {
             let o = flags(&[
                 (metadata_only, "metadata-only"),
                 (children, "children"),
                 (children_only, "children-only"),
             ]);
-            snapshot::delete(&conn, &manager, json_mode, &domain, &snapshot, o).await?
+            if no_wait {
+                snapshot::start_job(&conn, &manager, json_mode, &domain, &snapshot, "delete", o)
+                    .await?
+            } else {
+                snapshot::delete(&conn, &manager, json_mode, &domain, &snapshot, o).await?
+            }
         }
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?
         }
+        Command::Jobs => jobs::list(&conn, &manager, json_mode).await?,
+        Command::Cancel { job } => jobs::cancel(&conn, &manager, json_mode, &job).await?,
+        // Answered before connecting (see `main`).
+        Command::Completions { .. } | Command::Man { .. } => {}
     }
     Ok(())
 }

@@ -125,7 +125,12 @@ impl Failure {
                     }
                     _ => desc.unwrap_or_else(|| name.clone()),
                 };
-                let code = if name.ends_with("AccessDenied") { 6 } else { 1 };
+                let code = match name.as_str() {
+                    n if n.ends_with("AccessDenied") => 6,
+                    // An object path that names nothing (e.g. a job that ended and went away).
+                    "org.freedesktop.DBus.Error.UnknownObject" => 3,
+                    _ => 1,
+                };
                 Failure {
                     name,
                     message,
@@ -163,6 +168,20 @@ impl Failure {
         }
     }
 
+    /// A local failure that is not the caller's fault (e.g. a file that cannot be written).
+    pub fn local_io(message: String) -> Failure {
+        Failure {
+            name: format!("{ERROR_PREFIX}.Failed"),
+            message,
+            code: 1,
+        }
+    }
+
+    /// Whether this failure means "not found" (exit code 3), e.g. an object that went away.
+    pub fn code_is_not_found(&self) -> bool {
+        self.code == 3
+    }
+
     /// Prints the failure and returns the exit code.
     pub fn report(self, json_mode: bool) -> ExitCode {
         if json_mode {
@@ -181,19 +200,27 @@ fn time(secs: u64) -> String {
         .unwrap_or_default()
 }
 
-/// A table of snapshots: name, creation time, state, kind, current marker, description.
-pub fn snapshot_table(rows: &[Value]) -> String {
+/// A table of snapshots: name, (parent when `parent_column`), creation time, state, kind,
+/// current marker, description.
+pub fn snapshot_table_with(rows: &[Value], parent_column: bool) -> String {
     let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    let name_w = rows
-        .iter()
-        .map(|r| s(r, "name").chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(4);
-    let mut out = format!(
-        "{:<name_w$}  {:<19}  {:<13}  {:<10}  C  DESCRIPTION",
-        "NAME", "CREATED", "STATE", "KIND"
-    );
+    let width = |k: &str, min: usize| {
+        rows.iter()
+            .map(|r| s(r, k).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(min)
+    };
+    let name_w = width("name", 4);
+    let parent_w = width("parent", 6);
+    let mut out = format!("{:<name_w$}  ", "NAME");
+    if parent_column {
+        out.push_str(&format!("{:<parent_w$}  ", "PARENT"));
+    }
+    out.push_str(&format!(
+        "{:<19}  {:<13}  {:<10}  C  DESCRIPTION",
+        "CREATED", "STATE", "KIND"
+    ));
     for r in rows {
         let created = time(r.get("created").and_then(Value::as_u64).unwrap_or(0));
         let cur = if r.get("current").and_then(Value::as_bool).unwrap_or(false) {
@@ -201,15 +228,107 @@ pub fn snapshot_table(rows: &[Value]) -> String {
         } else {
             " "
         };
-        out.push_str(&format!(
-            "\n{:<name_w$}  {created:<19}  {:<13}  {:<10}  {cur}  {}",
-            s(r, "name"),
-            s(r, "state"),
-            s(r, "kind"),
-            s(r, "description")
-        ));
+        out.push_str(&format!("\n{:<name_w$}  ", s(r, "name")));
+        if parent_column {
+            let p = r.get("parent").and_then(Value::as_str).unwrap_or("-");
+            out.push_str(&format!("{p:<parent_w$}  "));
+        }
+        out.push_str(
+            format!(
+                "{created:<19}  {:<13}  {:<10}  {cur}  {}",
+                s(r, "state"),
+                s(r, "kind"),
+                s(r, "description")
+            )
+            .trim_end(),
+        );
     }
     out
+}
+
+/// The snapshots as a forest: an array of root rows, each row's `children` holding its child
+/// rows (instead of names), in the order of `rows`. A row whose parent is not listed is a root.
+pub fn snapshot_forest(rows: &[Value]) -> Value {
+    let name = |r: &Value| {
+        r.get("name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let names: std::collections::HashSet<String> = rows.iter().map(name).collect();
+    fn build(node: &Value, rows: &[Value]) -> Value {
+        let me = node.get("name").and_then(Value::as_str).unwrap_or("");
+        let kids: Vec<Value> = rows
+            .iter()
+            .filter(|r| r.get("parent").and_then(Value::as_str) == Some(me))
+            .map(|r| build(r, rows))
+            .collect();
+        let mut out = node.clone();
+        out["children"] = Value::Array(kids);
+        out
+    }
+    Value::Array(
+        rows.iter()
+            .filter(|r| {
+                r.get("parent")
+                    .and_then(Value::as_str)
+                    .is_none_or(|p| !names.contains(p))
+            })
+            .map(|r| build(r, rows))
+            .collect(),
+    )
+}
+
+/// The forest drawn like `virsh snapshot-list --tree`; the current snapshot is marked.
+pub fn snapshot_tree_text(forest: &Value) -> String {
+    fn label(n: &Value) -> String {
+        let name = n.get("name").and_then(Value::as_str).unwrap_or("");
+        if n.get("current").and_then(Value::as_bool).unwrap_or(false) {
+            format!("{name} (current)")
+        } else {
+            name.to_string()
+        }
+    }
+    fn kids(n: &Value) -> &[Value] {
+        n.get("children")
+            .and_then(Value::as_array)
+            .map_or(&[], Vec::as_slice)
+    }
+    fn below(n: &Value, prefix: &str, out: &mut Vec<String>) {
+        let children = kids(n);
+        for (i, c) in children.iter().enumerate() {
+            let last = i + 1 == children.len();
+            out.push(format!("{prefix}  |"));
+            out.push(format!("{prefix}  +- {}", label(c)));
+            let deeper = if last { "     " } else { "  |  " };
+            below(c, &format!("{prefix}{deeper}"), out);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, root) in forest.as_array().into_iter().flatten().enumerate() {
+        if i > 0 {
+            out.push(String::new());
+        }
+        out.push(label(root));
+        below(root, "", &mut out);
+    }
+    out.join("\n")
+}
+
+/// Bytes as a short human size (1024-based).
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 /// Key-value lines for one snapshot.
@@ -230,6 +349,26 @@ pub fn snapshot_info(v: &Value) -> String {
         },
         s("status"),
     );
+    let children: Vec<&str> = v
+        .get("children")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    out.push_str(&format!(
+        "\nChildren:    {}",
+        if children.is_empty() {
+            "-".to_string()
+        } else {
+            children.join(", ")
+        }
+    ));
+    out.push_str(&format!(
+        "\nOn disk:     {}",
+        size(v.get("size_on_disk").and_then(Value::as_u64).unwrap_or(0))
+    ));
+    out.push_str(&format!("\nObject:      {}", s("path")));
     let m = &v["memory"];
     out.push_str(&format!(
         "\nMemory:      {} {}",
@@ -259,6 +398,47 @@ pub fn snapshot_info(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(name: &str, parent: Option<&str>, current: bool) -> Value {
+        json!({"name": name, "parent": parent, "current": current, "created": 0,
+               "state": "running", "kind": "checkpoint", "description": ""})
+    }
+
+    #[test]
+    fn snapshot_tree_text_draws_branches_and_marks_current() {
+        let rows = [
+            row("a", None, false),
+            row("b", Some("a"), false),
+            row("c", Some("b"), true),
+            row("d", Some("a"), false),
+            row("e", None, false),
+        ];
+        let text = snapshot_tree_text(&snapshot_forest(&rows));
+        assert_eq!(
+            text,
+            "a\n  |\n  +- b\n  |    |\n  |    +- c (current)\n  |\n  +- d\n\ne"
+        );
+    }
+
+    #[test]
+    fn snapshot_forest_nests_children_under_parents() {
+        let rows = [row("a", None, false), row("b", Some("a"), false)];
+        let f = snapshot_forest(&rows);
+        assert_eq!(f.as_array().unwrap().len(), 1);
+        assert_eq!(f[0]["children"][0]["name"], "b");
+        assert_eq!(f[0]["children"][0]["children"], json!([]));
+    }
+
+    #[test]
+    fn snapshot_table_parent_column_shows_parent_or_dash() {
+        let rows = [row("a", None, false), row("bb", Some("a"), true)];
+        let t = snapshot_table_with(&rows, true);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("NAME  PARENT  CREATED"), "{t}");
+        assert!(lines[1].starts_with("a     -       "), "{t}");
+        assert!(lines[2].starts_with("bb    a       "), "{t}");
+        assert!(lines[2].ends_with(" *"), "{t}");
+    }
 
     #[test]
     fn failure_codes_are_distinct_per_category() {

@@ -1,20 +1,13 @@
 //! Snapshot commands: create (following the job's progress), list, info, dumpxml.
 
-use std::io::{IsTerminal, Write};
-use std::time::Duration;
-
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use vmsnap_dbus::Error;
-use vmsnap_dbus::proxy::{JobProxy, ManagerProxy, SnapshotProxy};
+use vmsnap_dbus::proxy::{ManagerProxy, SnapshotProxy};
 use zbus::{Connection, OwnedObjectPath, Variant};
 
 use crate::cli::CreateArgs;
 use crate::output::{self, Failure};
-use crate::{Opts, domain_proxy};
-
-/// How often the progress line is refreshed.
-const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
+use crate::{Opts, domain_proxy, progress};
 
 async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
     let s = SnapshotProxy::builder(conn)
@@ -38,6 +31,11 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
             .await?;
         Value::String(p.name().await?)
     };
+    let mut children = Vec::new();
+    for c in s.children().await? {
+        let p = SnapshotProxy::builder(conn).path(c).build().await?;
+        children.push(Value::String(p.name().await?));
+    }
     Ok(json!({
         "name": s.name().await?,
         "description": s.description().await?,
@@ -49,6 +47,8 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         "parent": parent_name,
         "current": s.is_current().await?,
         "status": s.status().await?,
+        "children": children,
+        "size_on_disk": s.size_on_disk().await?,
         "path": path.to_string(),
     }))
 }
@@ -117,53 +117,18 @@ pub async fn create(
     Ok(())
 }
 
-/// Follows a job to its end, drawing progress on a terminal; returns its result object.
+/// Follows a job to its end, drawing progress (see [`crate::progress`]); returns its result
+/// object.
 pub async fn follow_job(
     conn: &Connection,
     path: OwnedObjectPath,
     json_mode: bool,
 ) -> Result<OwnedObjectPath, Failure> {
-    // Uncached: a cached Result/Finished could lag behind the Completed signal.
-    let job = JobProxy::builder(conn)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    let mut completed = job.receive_completed().await?;
-    let tty = !json_mode && std::io::stderr().is_terminal();
-    let mut drawn = false;
-    loop {
-        if job.finished().await? {
-            break;
-        }
-        if tty {
-            let phase = job.phase().await?;
-            let (done, total) = (job.bytes_done().await?, job.bytes_total().await?);
-            let line = match (done * 100).checked_div(total) {
-                Some(pct) => format!("{phase}: {pct:>3}% {} / {} MiB", done >> 20, total >> 20),
-                None => phase,
-            };
-            eprint!("\r\x1b[2K{line}");
-            let _ = std::io::stderr().flush();
-            drawn = true;
-        }
-        tokio::select! {
-            _ = completed.next() => {}
-            _ = tokio::time::sleep(PROGRESS_INTERVAL) => {}
-        }
-    }
-    if drawn {
-        eprint!("\r\x1b[2K");
-    }
-    let err = job.error_name().await?;
-    if !err.is_empty() {
-        let msg = job.error_message().await?;
-        return Err(Failure::wire(error_from_name(&err, msg)));
-    }
-    Ok(job.result().await?)
+    progress::follow(conn, path, progress::Mode::detect(json_mode)).await
 }
 
-fn error_from_name(name: &str, msg: String) -> Error {
+/// The wire error called `name` (a job's `ErrorName`), carrying `msg`.
+pub fn error_from_name(name: &str, msg: String) -> Error {
     match name.rsplit('.').next().unwrap_or("") {
         "NoSuchDomain" => Error::NoSuchDomain(msg),
         "NoSuchSnapshot" => Error::NoSuchSnapshot(msg),
@@ -181,20 +146,68 @@ fn error_from_name(name: &str, msg: String) -> Error {
     }
 }
 
-/// `vmsnap list`
-pub async fn list(
+/// How `vmsnap list` shows the snapshots.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ListView {
+    /// Draw the tree.
+    pub tree: bool,
+    /// Only snapshots without a parent.
+    pub roots: bool,
+    /// Only snapshots without children.
+    pub leaves: bool,
+    /// Add a PARENT column.
+    pub parent: bool,
+}
+
+/// `vmsnap list` with its view options.
+pub async fn list_view(
     conn: &Connection,
     manager: &ManagerProxy<'_>,
     json_mode: bool,
     domain: &str,
+    view: ListView,
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, domain).await?;
     let mut rows = Vec::new();
     for p in d.list_snapshots().await? {
         rows.push(snapshot_json(conn, p).await?);
     }
+    if view.tree {
+        let tree = output::snapshot_forest(&rows);
+        output::emit(json_mode, &tree, || output::snapshot_tree_text(&tree));
+        return Ok(());
+    }
+    rows.retain(|r| {
+        (!view.roots || r["parent"].is_null())
+            && (!view.leaves || r["children"].as_array().is_none_or(Vec::is_empty))
+    });
     output::emit(json_mode, &Value::Array(rows.clone()), || {
-        output::snapshot_table(&rows)
+        output::snapshot_table_with(&rows, view.parent)
+    });
+    Ok(())
+}
+
+/// Starts a revert or delete of `snapshot` as a job and prints the job's path at once
+/// (`--no-wait`).
+pub async fn start_job(
+    conn: &Connection,
+    manager: &ManagerProxy<'_>,
+    json_mode: bool,
+    domain: &str,
+    snapshot: &str,
+    operation: &str,
+    mut o: Opts<'_>,
+) -> Result<(), Failure> {
+    let d = domain_proxy(conn, manager, domain).await?;
+    let p = d.find_snapshot(snapshot).await?;
+    let s = SnapshotProxy::builder(conn).path(p).build().await?;
+    o.insert("async", Variant::Bool(true));
+    let job = match operation {
+        "revert" => s.revert(o).await?,
+        _ => s.delete(o).await?,
+    };
+    output::emit(json_mode, &json!({"job": job.to_string()}), || {
+        job.to_string()
     });
     Ok(())
 }

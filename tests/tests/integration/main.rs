@@ -4,9 +4,11 @@
 //! has a deadline for every wait; nextest runs the tests in parallel processes.
 
 mod domains;
+mod frontend;
 mod harness_selftest;
 mod introspection;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
+mod surface;
 mod tree;
