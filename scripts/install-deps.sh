@@ -19,12 +19,17 @@ version_of() {
 # Prints why an install is needed and succeeds, or fails when nothing is missing.
 needs_install() {
     local tool
-    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3; do
+    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 busctl script; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             echo "install-deps: $tool is missing"
             return 0
         fi
     done
+    # The example front end and its test use the system Python's D-Bus and GLib bindings.
+    if ! /usr/bin/python3 -c 'import dbus, gi' >/dev/null 2>&1; then
+        echo "install-deps: python3-dbus or python3-gi is missing"
+        return 0
+    fi
     local system img
     system=$(version_of qemu-system-x86_64)
     img=$(version_of qemu-img)
@@ -56,7 +61,7 @@ if needs_install; then
     apt update
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
-    apt "${install[@]}" dbus sqlite3
+    apt "${install[@]}" dbus sqlite3 systemd bsdutils python3-dbus python3-gi
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do

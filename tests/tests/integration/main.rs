@@ -7,6 +7,7 @@ mod domains;
 mod frontend;
 mod harness_selftest;
 mod introspection;
+mod readme;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
