@@ -111,31 +111,12 @@ impl Failure {
     pub fn wire(e: Error) -> Failure {
         match e {
             Error::ZBus(zbus::Error::MethodError(name, desc, _)) => {
-                let name = name.to_string();
-                let message = match name.as_str() {
-                    "org.freedesktop.DBus.Error.ServiceUnknown"
-                    | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
-                        "vmsnapd is not running on this bus".to_string()
-                    }
-                    "org.freedesktop.DBus.Error.AccessDenied" => {
-                        format!(
-                            "access denied by the bus policy: {}",
-                            desc.unwrap_or_default()
-                        )
-                    }
-                    _ => desc.unwrap_or_else(|| name.clone()),
-                };
-                let code = match name.as_str() {
-                    n if n.ends_with("AccessDenied") => 6,
-                    // An object path that names nothing (e.g. a job that ended and went away).
-                    "org.freedesktop.DBus.Error.UnknownObject" => 3,
-                    _ => 1,
-                };
-                Failure {
-                    name,
-                    message,
-                    code,
-                }
+                Failure::bus_error(name.to_string(), desc)
+            }
+            // zbus reports the bus's own error names (UnknownObject, ServiceUnknown, ...) here.
+            Error::ZBus(zbus::Error::FDO(e)) => {
+                use zbus::DBusError;
+                Failure::bus_error(e.name().to_string(), e.description().map(str::to_string))
             }
             Error::ZBus(other) => Failure {
                 name: "org.freedesktop.DBus.Error.Failed".into(),
@@ -147,6 +128,34 @@ impl Failure {
                 code: code_for(other.short_name()),
                 message: other.message(),
             },
+        }
+    }
+
+    /// An error reply named `name` that is not one of vmsnap's own.
+    fn bus_error(name: String, desc: Option<String>) -> Failure {
+        let message = match name.as_str() {
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+                "vmsnapd is not running on this bus".to_string()
+            }
+            "org.freedesktop.DBus.Error.AccessDenied" => {
+                format!(
+                    "access denied by the bus policy: {}",
+                    desc.unwrap_or_default()
+                )
+            }
+            _ => desc.unwrap_or_else(|| name.clone()),
+        };
+        let code = match name.as_str() {
+            n if n.ends_with("AccessDenied") => 6,
+            // An object path that names nothing (e.g. a job or snapshot that went away).
+            "org.freedesktop.DBus.Error.UnknownObject" => 3,
+            _ => 1,
+        };
+        Failure {
+            name,
+            message,
+            code,
         }
     }
 
@@ -454,5 +463,7 @@ mod tests {
         .collect();
         assert_eq!(codes, vec![3, 4, 5, 6, 7]);
         assert_eq!(Failure::wire(Error::Failed(String::new())).code, 1);
+        let gone = zbus::Error::FDO(Box::new(zbus::fdo::Error::UnknownObject("x".into())));
+        assert_eq!(Failure::wire(Error::ZBus(gone)).code, 3);
     }
 }

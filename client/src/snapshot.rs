@@ -34,7 +34,12 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
     let mut children = Vec::new();
     for c in s.children().await? {
         let p = SnapshotProxy::builder(conn).path(c).build().await?;
-        children.push(Value::String(p.name().await?));
+        match p.name().await {
+            Ok(n) => children.push(Value::String(n)),
+            // Deleted since the parent was read: not a child any more.
+            Err(e) if Failure::from(e.clone()).code_is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(json!({
         "name": s.name().await?,
@@ -170,7 +175,12 @@ pub async fn list_view(
     let d = domain_proxy(conn, manager, domain).await?;
     let mut rows = Vec::new();
     for p in d.list_snapshots().await? {
-        rows.push(snapshot_json(conn, p).await?);
+        match snapshot_json(conn, p).await {
+            Ok(r) => rows.push(r),
+            // Deleted while we listed (a delete job runs): leave it out.
+            Err(e) if e.code_is_not_found() => {}
+            Err(e) => return Err(e),
+        }
     }
     if view.tree {
         let tree = output::snapshot_forest(&rows);
