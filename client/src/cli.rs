@@ -154,6 +154,7 @@ pub enum Command {
         /// Snapshot name.
         snapshot: String,
     },
+<<<<<<< HEAD
     /// List running jobs and finished ones that still linger.
     #[command(after_help = "Examples:\n  vmsnap jobs\n  vmsnap jobs --json")]
     Jobs,
@@ -184,6 +185,23 @@ pub enum Command {
         /// Write vmsnap.1 and one page per command into this directory.
         #[arg(long)]
         out_dir: Option<PathBuf>,
+=======
+    /// Add a record for a snapshot whose files already exist, from a libvirt <domainsnapshot>
+    /// document (as `virsh snapshot-dumpxml` writes it). The images are checked first; import a
+    /// tree parent first.
+    #[command(after_help = "Examples:\n  \
+  vmsnap redefine web1 fresh-install.xml\n  \
+  vmsnap redefine web1 before-upgrade.xml --current\n  \
+  virsh snapshot-dumpxml web1 s1 | vmsnap redefine web1 -")]
+    Redefine {
+        /// Domain name.
+        domain: String,
+        /// The <domainsnapshot> document; `-` reads standard input.
+        file: PathBuf,
+        /// Make the snapshot the domain's current one.
+        #[arg(long)]
+        current: bool,
+>>>>>>> xml
     },
 }
 

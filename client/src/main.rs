@@ -188,10 +188,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?
         }
+<<<<<<< HEAD
         Command::Jobs => jobs::list(&conn, &manager, json_mode).await?,
         Command::Cancel { job } => jobs::cancel(&conn, &manager, json_mode, &job).await?,
         // Answered before connecting (see `main`).
         Command::Completions { .. } | Command::Man { .. } => {}
+=======
+        Command::Redefine {
+            domain,
+            file,
+            current,
+        } => {
+            let xml = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Failure::local(format!("cannot read standard input: {e}")))?
+            } else {
+                std::fs::read_to_string(&file)
+                    .map_err(|e| Failure::local(format!("cannot read {}: {e}", file.display())))?
+            };
+            snapshot::redefine(&conn, &manager, json_mode, &domain, &xml, current).await?
+        }
+>>>>>>> xml
     }
     Ok(())
 }

@@ -255,6 +255,31 @@ pub async fn dumpxml(
     Ok(())
 }
 
+/// `vmsnap redefine`
+pub async fn redefine(
+    conn: &Connection,
+    manager: &ManagerProxy<'_>,
+    json_mode: bool,
+    domain: &str,
+    xml: &str,
+    current: bool,
+) -> Result<(), Failure> {
+    let d = domain_proxy(conn, manager, domain).await?;
+    let mut o: Opts<'_> = Opts::new();
+    if current {
+        o.insert("current", Variant::Bool(true));
+    }
+    let p = d.redefine_snapshot(xml, o).await?;
+    let v = snapshot_json(conn, p).await?;
+    output::emit(json_mode, &v, || {
+        format!(
+            "Snapshot {} of {domain} redefined",
+            v["name"].as_str().unwrap_or_default()
+        )
+    });
+    Ok(())
+}
+
 /// `vmsnap revert`
 pub async fn revert(
     conn: &Connection,

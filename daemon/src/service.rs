@@ -118,6 +118,21 @@ impl Service {
         .await
     }
 
+    /// The parts of a redefined snapshot's libvirt document kept verbatim (nothing for a
+    /// snapshot vmsnap took itself).
+    pub fn snapshot_xml_parts(
+        &self,
+        id: crate::catalog::SnapshotId,
+    ) -> ServiceResult<crate::snapshot::record::XmlParts> {
+        let v = self
+            .shared
+            .catalog
+            .lock()
+            .expect("catalog lock poisoned")
+            .snapshot_xml_parts(id)?;
+        Ok(crate::snapshot::record::XmlParts::from_json(&v))
+    }
+
     /// Every domain, in id order.
     pub fn domains(&self) -> Vec<DomainHandle> {
         self.domains

@@ -90,4 +90,6 @@ pub mod option {
     pub const CHILDREN_ONLY: &str = "children-only";
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
+    /// `b`: with `RedefineSnapshot`, make the redefined snapshot the domain's current one.
+    pub const CURRENT: &str = "current";
 }

@@ -97,6 +97,13 @@ pub trait Domain {
         xml: &str,
         options: HashMap<&str, Variant<'_>>,
     ) -> Result<OwnedObjectPath, crate::Error>;
+    /// Adds a record for a snapshot whose files already exist, from a libvirt
+    /// `<domainsnapshot>` document (option `current`).
+    fn redefine_snapshot(
+        &self,
+        xml: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<OwnedObjectPath, crate::Error>;
     /// Passes a command to the guest's QEMU monitor (QMP JSON, or HMP with option `hmp`).
     fn monitor_command(
         &self,

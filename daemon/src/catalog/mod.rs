@@ -8,7 +8,7 @@
 //! versioned with `PRAGMA user_version` and upgraded by ordered migrations (see `schema.rs`);
 //! a file newer than this build is refused with [`CatalogError::TooNew`].
 //!
-//! Schema version 1 (`PRAGMA user_version = 1`, `PRAGMA application_id = 0x766d736e`):
+//! Schema version 2 (`PRAGMA user_version = 2`, `PRAGMA application_id = 0x766d736e`):
 //!
 //! ```text
 //! domains                                  snapshots
@@ -37,6 +37,10 @@
 //!                 | kind       TEXT      step  TEXT                  |
 //!                 | payload    JSON text started_at INTEGER unix s   |
 //!                 +--------------------------------------------------+
+//!
+//! snapshot_xml_parts (version 2: parts of a redefined libvirt document kept verbatim)
+//!     snapshot_id INTEGER PK -> snapshots(id) (ON DELETE CASCADE)
+//!     parts       JSON text {domain, inactive_domain, cookie, revert_disks, disks}
 //!
 //! indexes: snapshots(domain_id, parent_id), snapshots(parent_id),
 //!          snapshots(domain_id, created_at, id), domains(current_snapshot),
@@ -436,6 +440,54 @@ impl Catalog {
                 .execute([id])?;
             Ok(())
         })
+    }
+
+    /// Adds a committed record for a snapshot whose files already exist (redefine), with
+    /// `parts` (a JSON object: the parts of its libvirt document kept verbatim; nothing is
+    /// stored for an empty object) and, if `make_current`, makes it its domain's current
+    /// snapshot, all in one transaction. Fails like [`Catalog::insert_pending_snapshot`].
+    pub fn insert_redefined_snapshot(
+        &mut self,
+        s: &NewSnapshot,
+        parts: &Value,
+        make_current: bool,
+    ) -> Result<SnapshotRecord, CatalogError> {
+        if !parts.is_object() {
+            return Err(CatalogError::Invalid(
+                "the kept parts of a snapshot document must be a JSON object".into(),
+            ));
+        }
+        let text = parts.to_string();
+        self.transaction(|tx| {
+            let rec = insert_snapshot(tx, s, SnapshotStatus::Committed)?;
+            if parts.as_object().is_some_and(|o| !o.is_empty()) {
+                tx.prepare_cached(
+                    "INSERT INTO snapshot_xml_parts (snapshot_id, parts) VALUES (?1, ?2)",
+                )?
+                .execute((rec.id, &text))?;
+            }
+            if make_current {
+                tx.prepare_cached("UPDATE domains SET current_snapshot = ?2 WHERE id = ?1")?
+                    .execute((s.domain_id, rec.id))?;
+            }
+            Ok(rec)
+        })
+    }
+
+    /// The parts of a redefined snapshot's libvirt document kept verbatim: a JSON object,
+    /// empty when nothing was kept.
+    pub fn snapshot_xml_parts(&self, id: SnapshotId) -> Result<Value, CatalogError> {
+        let text: Option<String> = self
+            .conn
+            .prepare_cached("SELECT parts FROM snapshot_xml_parts WHERE snapshot_id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        match text {
+            Some(t) => serde_json::from_str(&t).map_err(|e| {
+                CatalogError::Corrupt(format!("kept XML parts of snapshot {id}: {e}"))
+            }),
+            None => Ok(Value::Object(Default::default())),
+        }
     }
 
     /// The snapshot with catalog id `id`.

@@ -23,7 +23,7 @@ pub(super) const APPLICATION_ID: i64 = 0x766d_736e;
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The migrations, oldest first; entry `i` upgrades version `i` to `i + 1`.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Schema version 1: domains, snapshots, operations.
 const V1: &str = r#"
@@ -112,6 +112,16 @@ WHEN NEW.status <> 'committed' AND EXISTS (
 BEGIN
     SELECT RAISE(ABORT, 'the current snapshot of a domain must stay committed');
 END;
+"#;
+
+/// Schema version 2: the parts of a redefined libvirt `<domainsnapshot>` document that vmsnap
+/// keeps verbatim without acting on them (`<domain>`, `<cookie>`, …), one JSON object per
+/// snapshot, gone with the snapshot.
+const V2: &str = r#"
+CREATE TABLE snapshot_xml_parts (
+    snapshot_id INTEGER PRIMARY KEY REFERENCES snapshots(id) ON DELETE CASCADE,
+    parts       TEXT    NOT NULL CHECK (json_valid(parts))
+);
 "#;
 
 /// The newest schema version this build knows.

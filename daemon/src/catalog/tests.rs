@@ -46,14 +46,14 @@ fn committed(cat: &mut Catalog, d: DomainId, name: &str, parent: Option<Snapshot
 }
 
 #[test]
-fn open_creates_private_file_at_version_1() {
+fn open_creates_private_file_at_version_2() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state/vmsnap");
     let cat = Catalog::open(&state).unwrap();
     let file = state.join(CATALOG_FILE_NAME);
     assert_eq!(cat.path(), Some(file.as_path()));
-    assert_eq!(cat.schema_version(), 1);
-    assert_eq!(supported_schema_version(), 1);
+    assert_eq!(cat.schema_version(), 2);
+    assert_eq!(supported_schema_version(), 2);
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let wal = state.join(format!("{CATALOG_FILE_NAME}-wal"));
@@ -67,7 +67,7 @@ fn open_creates_private_file_at_version_1() {
         .conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap();
-    assert_eq!(user_version, 1);
+    assert_eq!(user_version, 2);
     let journal: String = cat
         .conn
         .pragma_query_value(None, "journal_mode", |r| r.get(0))
@@ -95,7 +95,7 @@ fn reopen_keeps_data() {
         (d, s)
     };
     let cat = Catalog::open(dir.path()).unwrap();
-    assert_eq!(cat.schema_version(), 1);
+    assert_eq!(cat.schema_version(), 2);
     let got = cat.domain(d.id).unwrap();
     assert_eq!(got.name, "web");
     assert_eq!(got.current_snapshot, Some(s));
@@ -118,13 +118,13 @@ fn too_new_catalog_is_refused() {
             err,
             CatalogError::TooNew {
                 found: 7,
-                supported: 1
+                supported: 2
             }
         ),
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.contains('7') && msg.contains('1'), "{msg}");
+    assert!(msg.contains('7') && msg.contains('2'), "{msg}");
     // The refused file is left untouched.
     let raw = Connection::open(dir.path().join(CATALOG_FILE_NAME)).unwrap();
     let v: i64 = raw
@@ -640,4 +640,73 @@ proptest! {
             check_invariants(&cat, &domains);
         }
     }
+}
+
+#[test]
+fn version_1_catalog_migrates_to_2_keeping_data() {
+    let dir = tempfile::tempdir().unwrap();
+    // A version-1 file as an older build left it.
+    {
+        let raw = Connection::open(dir.path().join(CATALOG_FILE_NAME)).unwrap();
+        raw.execute_batch(schema::MIGRATIONS[0]).unwrap();
+        raw.pragma_update(None, "application_id", schema::APPLICATION_ID)
+            .unwrap();
+        raw.pragma_update(None, "user_version", 1).unwrap();
+        raw.execute(
+            "INSERT INTO domains (name, uuid, kind, xml, created_at) \
+             VALUES ('old', 'u-old', 'managed', '<domain/>', 1)",
+            [],
+        )
+        .unwrap();
+    }
+    let cat = Catalog::open(dir.path()).unwrap();
+    assert_eq!(cat.schema_version(), 2);
+    assert_eq!(cat.domains().unwrap()[0].name, "old");
+    let n: i64 = cat
+        .conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name = 'snapshot_xml_parts'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn redefined_snapshot_keeps_parts_until_deleted() {
+    let mut cat = Catalog::open_in_memory().unwrap();
+    let d = cat.insert_domain(&new_domain("web")).unwrap();
+    let parts = serde_json::json!({"cookie": "<cookie><x/></cookie>"});
+    let rec = cat
+        .insert_redefined_snapshot(&new_snapshot(d.id, "r1", None), &parts, true)
+        .unwrap();
+    assert_eq!(rec.status, SnapshotStatus::Committed);
+    assert_eq!(cat.domain(d.id).unwrap().current_snapshot, Some(rec.id));
+    assert_eq!(cat.snapshot_xml_parts(rec.id).unwrap(), parts);
+    // Nothing kept: no row, an empty object back; not current.
+    let plain = cat
+        .insert_redefined_snapshot(
+            &new_snapshot(d.id, "r2", Some(rec.id)),
+            &serde_json::json!({}),
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        cat.snapshot_xml_parts(plain.id).unwrap(),
+        serde_json::json!({})
+    );
+    assert_eq!(cat.domain(d.id).unwrap().current_snapshot, Some(rec.id));
+    // A clash changes nothing.
+    let err = cat
+        .insert_redefined_snapshot(&new_snapshot(d.id, "r1", None), &parts, true)
+        .unwrap_err();
+    assert!(matches!(err, CatalogError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(cat.snapshots(d.id).unwrap().len(), 2);
+    cat.delete_snapshot(rec.id).unwrap();
+    let left: i64 = cat
+        .conn
+        .query_row("SELECT count(*) FROM snapshot_xml_parts", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
 }

@@ -215,6 +215,43 @@ impl DomainIface {
         self.run_create(req, &opts, &header, server, emitter).await
     }
 
+    /// Adds a catalog record for a snapshot whose files already exist (for example moved
+    /// from a libvirt host), described by a whole libvirt `<domainsnapshot>` document with
+    /// `name`, `state` and `creationTime`; returns its object path. The images are checked
+    /// first: each internal disk's image holds a tag of the snapshot's name, each external
+    /// disk's overlay exists and is backed by the image the embedded `<domain>` names, an
+    /// external memory file exists. The parent must already exist (import a tree parent
+    /// first). Parts vmsnap does not act on (`domain`, `inactiveDomain`, `cookie`, …) are kept
+    /// verbatim and returned by the snapshot's `GetXml`. Options: `current` (b: make it the
+    /// current snapshot; `<active>1</active>` does too). A refusal changes nothing.
+    async fn redefine_snapshot(
+        &self,
+        xml: String,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let opts = Options::parse("RedefineSnapshot", options, &[option::CURRENT])?;
+        let current = opts.bool(option::CURRENT)?.unwrap_or(false);
+        let doc = crate::snapshot::xml::SnapshotDoc::parse(&xml)
+            .map_err(|e| wire_error(crate::domain::actor::plan_error(e)))?;
+        let _guard = self
+            .handle
+            .begin_operation("the redefine")
+            .map_err(wire_error)?;
+        let id = self
+            .handle
+            .redefine_snapshot(doc, current)
+            .await
+            .map_err(wire_error)?;
+        let info = self.handle.info();
+        // Serve the new object before anyone hears of it.
+        sync_snapshots(server, &self.service, &self.handle, None, &info).await;
+        let p = obj(snapshot_path(info.id.0, id.0));
+        let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
+        Ok(p)
+    }
+
     /// Passes a command to the guest's QEMU monitor, like libvirt's `qemu-monitor-command`:
     /// a QMP command as JSON, or with option `hmp` (b) a human monitor command line. Returns
     /// QEMU's answer. For diagnostics; changes made this way are not tracked.

@@ -223,7 +223,9 @@ impl SnapshotIface {
         Ok(obj(NO_OBJECT.to_string()))
     }
 
-    /// The snapshot as libvirt `<domainsnapshot>` XML (with the domain's definition at the time).
+    /// The snapshot as libvirt `<domainsnapshot>` XML, as `virsh snapshot-dumpxml` shows it:
+    /// the domain's definition at the time embedded, and every part of a redefined document
+    /// that vmsnap keeps without acting on it (`domain`, `inactiveDomain`, `cookie`, …).
     async fn get_xml(&self) -> Result<String, Error> {
         let info = self.handle.info();
         let rec = info
@@ -234,11 +236,11 @@ impl SnapshotIface {
             .parent
             .and_then(|p| info.snapshots.get(&p))
             .map(|p| p.name.as_str());
-        Ok(record::to_xml(
-            rec,
-            parent,
-            info.current_snapshot == Some(self.id),
-        ))
+        let parts = self
+            .service
+            .snapshot_xml_parts(self.id)
+            .map_err(wire_error)?;
+        Ok(record::to_xml(rec, parent, &parts))
     }
 
     /// The snapshot's name, unique within its domain.

@@ -127,6 +127,11 @@ enum Request {
     Stop {
         reply: oneshot::Sender<()>,
     },
+    Redefine {
+        doc: Box<crate::snapshot::xml::SnapshotDoc>,
+        make_current: bool,
+        reply: Reply<SnapshotId>,
+    },
 }
 
 /// A cheap, cloneable reference to a domain's actor.
@@ -319,6 +324,22 @@ impl DomainHandle {
             snapshot,
             metadata_only,
             job,
+            reply,
+        })
+        .await
+    }
+
+    /// Adds a catalog record for a snapshot whose files already exist, described by a libvirt
+    /// `<domainsnapshot>` document, after checking the images hold what it says.
+    pub async fn redefine_snapshot(
+        &self,
+        doc: crate::snapshot::xml::SnapshotDoc,
+        make_current: bool,
+    ) -> ServiceResult<SnapshotId> {
+        let doc = Box::new(doc);
+        self.call(|reply| Request::Redefine {
+            doc,
+            make_current,
             reply,
         })
         .await
@@ -757,6 +778,14 @@ impl Actor {
                 self.progress = job;
                 let r = self.delete_snapshot(snapshot, metadata_only).await;
                 self.progress = None;
+                let _ = reply.send(r);
+            }
+            Request::Redefine {
+                doc,
+                make_current,
+                reply,
+            } => {
+                let r = self.redefine(*doc, make_current).await;
                 let _ = reply.send(r);
             }
             Request::Stop { .. } => unreachable!("handled by the loop"),

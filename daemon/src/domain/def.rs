@@ -669,13 +669,16 @@ pub(crate) struct Node {
     pub(crate) attrs: Vec<(String, String)>,
     pub(crate) text: String,
     pub(crate) children: Vec<Node>,
+    /// Byte range of the whole element (start tag to end tag) in the parsed input, so that
+    /// callers can keep an element they do not interpret exactly as it was written.
+    pub(crate) span: std::ops::Range<usize>,
 }
 
 fn malformed(e: impl fmt::Display) -> DefError {
     DefError::Malformed(e.to_string())
 }
 
-fn open_node(start: &BytesStart<'_>) -> Result<Node, DefError> {
+fn open_node(start: &BytesStart<'_>, at: usize) -> Result<Node, DefError> {
     let name = start.name().as_ref().to_owned();
     let mut attrs = Vec::new();
     for attr in start.attributes() {
@@ -691,6 +694,7 @@ fn open_node(start: &BytesStart<'_>) -> Result<Node, DefError> {
         attrs,
         text: String::new(),
         children: Vec::new(),
+        span: at..at,
     })
 }
 
@@ -715,6 +719,9 @@ pub(crate) fn parse_tree(xml: &str) -> Result<Node, DefError> {
         }
         Ok(())
     }
+    fn end_of(reader: &Reader<&[u8]>) -> usize {
+        usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX)
+    }
     fn text(stack: &mut [Node], s: &str) -> Result<(), DefError> {
         match stack.last_mut() {
             Some(top) => top.text.push_str(s),
@@ -725,6 +732,8 @@ pub(crate) fn parse_tree(xml: &str) -> Result<Node, DefError> {
     }
 
     loop {
+        // Text before a tag is its own event, so this is where the next tag starts.
+        let at = usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX);
         let event = reader.read_event().map_err(|e| {
             DefError::Malformed(format!("{e} (at byte {})", reader.error_position()))
         })?;
@@ -736,16 +745,18 @@ pub(crate) fn parse_tree(xml: &str) -> Result<Node, DefError> {
                 if stack.len() >= MAX_DEPTH {
                     return Err(malformed("elements nested too deeply"));
                 }
-                stack.push(open_node(&start)?);
+                stack.push(open_node(&start, at)?);
             }
             Event::Empty(start) => {
-                let node = open_node(&start)?;
+                let mut node = open_node(&start, at)?;
+                node.span.end = end_of(&reader);
                 close(&mut stack, &mut root, node)?;
             }
             Event::End(_) => {
-                let node = stack
+                let mut node = stack
                     .pop()
                     .ok_or_else(|| malformed("unexpected closing tag"))?;
+                node.span.end = end_of(&reader);
                 close(&mut stack, &mut root, node)?;
             }
             Event::Text(t) => text(&mut stack, &t.xml10_content())?,

@@ -1,11 +1,14 @@
-//! Typed views of a snapshot record's JSON parts (per-disk data, VM state) and its libvirt
-//! `<domainsnapshot>` rendering.
+//! Typed views of a snapshot record's JSON parts (per-disk data, VM state, kept XML parts) and
+//! its libvirt `<domainsnapshot>` rendering.
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::SnapshotRecord;
+use crate::snapshot::xml::{DiskDoc, MemoryDoc, SnapshotDoc, embed_domain};
 
 /// One disk of a snapshot as the catalog keeps it.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -60,6 +63,7 @@ pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
     })
 }
 
+<<<<<<< HEAD
 /// Bytes the host file system has allocated for the files this snapshot added: its external
 /// VM-state file and the overlays created on top of its external disks (they hold what the
 /// guest wrote since the snapshot). Internal snapshot data lives inside disk images shared with
@@ -94,70 +98,119 @@ fn esc(s: &str) -> String {
         }
     }
     out
+=======
+/// The parts of a redefined `<domainsnapshot>` document that vmsnap keeps without acting on
+/// them, exactly as they were written (the catalog's `snapshot_xml_parts`), so that exporting
+/// the snapshot gives them back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct XmlParts {
+    /// The `<domain>` element.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// The `<inactiveDomain>` element.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inactive_domain: Option<String>,
+    /// The `<cookie>` element.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+    /// The `<revertDisks>` element.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revert_disks: Option<String>,
+    /// `<disk>` elements with more detail than vmsnap models, by disk target.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub disks: BTreeMap<String, String>,
+>>>>>>> xml
 }
 
-/// The record as libvirt's `<domainsnapshot>` output format; `parent` is the parent's name.
-pub fn to_xml(rec: &SnapshotRecord, parent: Option<&str>, is_current: bool) -> String {
-    let mut x = String::from("<domainsnapshot>\n");
-    x.push_str(&format!("  <name>{}</name>\n", esc(&rec.name)));
-    if !rec.description.is_empty() {
-        x.push_str(&format!(
-            "  <description>{}</description>\n",
-            esc(&rec.description)
-        ));
+impl XmlParts {
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        *self == XmlParts::default()
     }
-    x.push_str(&format!("  <state>{}</state>\n", esc(&rec.state)));
-    if let Some(p) = parent {
-        x.push_str(&format!(
-            "  <parent>\n    <name>{}</name>\n  </parent>\n",
-            esc(p)
-        ));
+
+    /// Reads the catalog's JSON (an unreadable value keeps nothing).
+    pub fn from_json(v: &serde_json::Value) -> XmlParts {
+        serde_json::from_value(v.clone()).unwrap_or_default()
     }
-    x.push_str(&format!(
-        "  <creationTime>{}</creationTime>\n",
-        rec.created_at
-    ));
+
+    /// The JSON the catalog keeps.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+/// The record as a libvirt `<domainsnapshot>` document, as `virsh snapshot-dumpxml` shows a
+/// snapshot: `parent` is the parent's name; kept `parts` of a redefined document replace what
+/// vmsnap would write for them (the `<domain>`, detailed disks) and add the rest.
+pub fn to_doc(rec: &SnapshotRecord, parent: Option<&str>, parts: &XmlParts) -> SnapshotDoc {
     let mem = memory(rec);
     let mem_mode = if mem.mode == "none" {
         "no"
     } else {
         mem.mode.as_str()
     };
-    match &mem.file {
-        Some(f) => x.push_str(&format!(
-            "  <memory snapshot='{}' file='{}'/>\n",
-            esc(mem_mode),
-            esc(&f.display().to_string())
-        )),
-        None => x.push_str(&format!("  <memory snapshot='{}'/>\n", esc(mem_mode))),
-    }
-    x.push_str("  <disks>\n");
-    for d in disks(rec) {
-        match d.mode.as_str() {
-            "external" => {
-                let active = d.overlay.clone().unwrap_or_else(|| d.image.clone());
-                x.push_str(&format!(
-                    "    <disk name='{}' snapshot='external' type='file'>\n      <driver type='qcow2'/>\n      <source file='{}'/>\n    </disk>\n",
-                    esc(&d.target),
-                    esc(&active.display().to_string())
-                ));
+    let disks: Vec<DiskDoc> = disks(rec)
+        .into_iter()
+        .map(|d| {
+            if let Some(raw) = parts.disks.get(&d.target) {
+                return DiskDoc {
+                    name: d.target.clone(),
+                    raw: Some(raw.clone()),
+                    ..DiskDoc::default()
+                };
             }
-            mode => x.push_str(&format!(
-                "    <disk name='{}' snapshot='{}'/>\n",
-                esc(&d.target),
-                esc(mode)
-            )),
-        }
+            match d.mode.as_str() {
+                "external" => DiskDoc {
+                    name: d.target.clone(),
+                    snapshot: Some("external".into()),
+                    source_type: Some("file".into()),
+                    driver_type: Some("qcow2".into()),
+                    source_file: Some(
+                        d.overlay
+                            .clone()
+                            .unwrap_or_else(|| d.image.clone())
+                            .display()
+                            .to_string(),
+                    ),
+                    ..DiskDoc::default()
+                },
+                mode => DiskDoc {
+                    name: d.target.clone(),
+                    snapshot: Some(mode.to_owned()),
+                    ..DiskDoc::default()
+                },
+            }
+        })
+        .collect();
+    let domain = parts.domain.clone().or_else(|| {
+        let embedded = embed_domain(&rec.domain_xml);
+        (!embedded.is_empty()).then_some(embedded)
+    });
+    SnapshotDoc {
+        name: Some(rec.name.clone()),
+        description: (!rec.description.is_empty()).then(|| rec.description.clone()),
+        state: Some(rec.state.clone()),
+        creation_time: Some(rec.created_at),
+        parent: parent.map(str::to_owned),
+        memory: Some(MemoryDoc {
+            snapshot: Some(mem_mode.to_owned()),
+            file: mem
+                .file
+                .as_ref()
+                .filter(|_| mem.mode == "external")
+                .map(|f| f.display().to_string()),
+        }),
+        // libvirt leaves out an empty <disks>.
+        disks: (!disks.is_empty()).then_some(disks),
+        revert_disks: parts.revert_disks.clone(),
+        domain,
+        inactive_domain: parts.inactive_domain.clone(),
+        cookie: parts.cookie.clone(),
+        active: None,
     }
-    x.push_str("  </disks>\n");
-    if is_current {
-        x.push_str("  <active>1</active>\n");
-    }
-    for line in rec.domain_xml.lines() {
-        x.push_str("  ");
-        x.push_str(line);
-        x.push('\n');
-    }
-    x.push_str("</domainsnapshot>\n");
-    x
+}
+
+/// The record as libvirt's `<domainsnapshot>` output format (see [`to_doc`]).
+pub fn to_xml(rec: &SnapshotRecord, parent: Option<&str>, parts: &XmlParts) -> String {
+    to_doc(rec, parent, parts).to_xml()
 }

@@ -297,6 +297,496 @@ pub fn plan_to_xml(plan: &Plan, created_at: i64, parent: Option<&str>, domain_xm
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole <domainsnapshot> format (redefine and export)
+
+/// libvirt's `<state>` values (its `domainsnapshot.rng`, plus `pmsuspended`, which libvirt
+/// also writes).
+pub const DOC_STATES: [&str; 8] = [
+    "running",
+    "blocked",
+    "paused",
+    "shutdown",
+    "shutoff",
+    "crashed",
+    "pmsuspended",
+    "disk-snapshot",
+];
+
+/// libvirt's snapshot locations for memory and disks (`snapshot='…'`).
+pub const DOC_LOCATIONS: [&str; 4] = ["no", "internal", "external", "manual"];
+
+/// A `<memory>` element.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MemoryDoc {
+    /// `no`, `internal` or `external`; `None` when the attribute is absent.
+    pub snapshot: Option<String>,
+    /// The absolute path of the external VM-state file.
+    pub file: Option<String>,
+}
+
+/// One `<disk>` of `<disks>`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiskDoc {
+    /// A target (`vda`) or the absolute path of the disk's source.
+    pub name: String,
+    /// One of [`DOC_LOCATIONS`]; `None` when absent.
+    pub snapshot: Option<String>,
+    /// The storage type of an external snapshot's file: `file`, `block` or `network`.
+    pub source_type: Option<String>,
+    /// `<driver type='…'>`: the format of the external snapshot's file.
+    pub driver_type: Option<String>,
+    /// `<source file='…'>`.
+    pub source_file: Option<String>,
+    /// `<source dev='…'>` (a block device).
+    pub source_dev: Option<String>,
+    /// The element exactly as written, when it carries more than the fields above (a
+    /// `<seclabel>`, a network source's hosts, `<metadata_cache>`, …): written back verbatim.
+    pub raw: Option<String>,
+}
+
+/// A whole libvirt `<domainsnapshot>` document, every element of the documented format.
+///
+/// The parts vmsnap does not interpret (`<domain>`, `<inactiveDomain>`, `<cookie>`,
+/// `<revertDisks>`, and disks with extra detail) are kept as the exact text of their element,
+/// so that writing the document back loses nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotDoc {
+    /// `<name>`, trimmed.
+    pub name: Option<String>,
+    /// `<description>`, verbatim.
+    pub description: Option<String>,
+    /// `<state>`, one of [`DOC_STATES`].
+    pub state: Option<String>,
+    /// `<creationTime>`, Unix seconds.
+    pub creation_time: Option<i64>,
+    /// `<parent><name>`.
+    pub parent: Option<String>,
+    /// `<memory>`.
+    pub memory: Option<MemoryDoc>,
+    /// `<disks>`; `Some(empty)` for an empty `<disks/>`.
+    pub disks: Option<Vec<DiskDoc>>,
+    /// `<revertDisks>` element, verbatim.
+    pub revert_disks: Option<String>,
+    /// `<domain>` element, verbatim.
+    pub domain: Option<String>,
+    /// `<inactiveDomain>` element, verbatim.
+    pub inactive_domain: Option<String>,
+    /// `<cookie>` element, verbatim.
+    pub cookie: Option<String>,
+    /// `<active>`: whether the snapshot was its domain's current one.
+    pub active: Option<bool>,
+}
+
+fn element_once<'a>(
+    seen: &mut std::collections::HashSet<&'a str>,
+    name: &'a str,
+) -> Result<(), PlanError> {
+    if seen.insert(name) {
+        Ok(())
+    } else {
+        Err(invalid(format!("element <{name}> appears twice")))
+    }
+}
+
+fn absolute(what: &str, value: &str) -> Result<(), PlanError> {
+    if value.starts_with('/') {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "{what} '{}' must be an absolute path",
+            value.escape_debug()
+        )))
+    }
+}
+
+fn text_leaf(node: &Node, path: &str) -> Result<String, PlanError> {
+    node.allow_attrs(path, &[]).map_err(def_err)?;
+    node.leaf(path).map_err(def_err)?;
+    Ok(node.text.clone())
+}
+
+impl SnapshotDoc {
+    /// Parses a `<domainsnapshot>` document, any element of libvirt's format (as for
+    /// `virDomainSnapshotCreateXML` with the redefine flag). Refuses, with
+    /// [`PlanError::InvalidArgument`] naming the culprit: malformed XML, DTDs and entities,
+    /// input over [`MAX_XML_BYTES`], unknown elements or attributes, repeated elements, a
+    /// non-numeric `creationTime`, an unknown state or location, relative paths, and
+    /// combinations the schema rules out (a file with internal memory, a source on a disk
+    /// that is not external, …).
+    pub fn parse(xml: &str) -> Result<SnapshotDoc, PlanError> {
+        if xml.len() > MAX_XML_BYTES {
+            return Err(invalid(format!(
+                "the snapshot document is larger than {MAX_XML_BYTES} bytes"
+            )));
+        }
+        let root = parse_tree(xml).map_err(def_err)?;
+        let raw = |n: &Node| xml[n.span.clone()].to_owned();
+        let path = "domainsnapshot";
+        if root.name != path {
+            return Err(invalid(format!(
+                "expected a <domainsnapshot> document, not <{}>",
+                root.name
+            )));
+        }
+        root.allow_attrs(path, &[]).map_err(def_err)?;
+        root.no_text(path).map_err(def_err)?;
+        let mut doc = SnapshotDoc::default();
+        let mut seen = std::collections::HashSet::new();
+        for child in &root.children {
+            let p = format!("{path}/{}", child.name);
+            element_once(&mut seen, child.name.as_str())?;
+            match child.name.as_str() {
+                "name" => doc.name = Some(xml_trim(&text_leaf(child, &p)?).to_owned()),
+                "description" => doc.description = Some(text_leaf(child, &p)?),
+                "state" => {
+                    let text = text_leaf(child, &p)?;
+                    let state = xml_trim(&text);
+                    if !DOC_STATES.contains(&state) {
+                        return Err(invalid(format!(
+                            "unknown snapshot state '{}': expected one of {}",
+                            state.escape_debug(),
+                            DOC_STATES.join(", ")
+                        )));
+                    }
+                    doc.state = Some(state.to_owned());
+                }
+                "creationTime" => {
+                    let text = text_leaf(child, &p)?;
+                    let t = xml_trim(&text);
+                    let ok = !t.is_empty()
+                        && t.strip_prefix('-')
+                            .unwrap_or(t)
+                            .bytes()
+                            .all(|b| b.is_ascii_digit());
+                    doc.creation_time =
+                        Some(t.parse::<i64>().ok().filter(|_| ok).ok_or_else(|| {
+                            invalid(format!(
+                                "<creationTime> must be a number of seconds, not '{}'",
+                                t.escape_debug()
+                            ))
+                        })?);
+                }
+                "parent" => {
+                    child.allow_attrs(&p, &[]).map_err(def_err)?;
+                    child.no_text(&p).map_err(def_err)?;
+                    let mut name = None;
+                    for c in &child.children {
+                        let cp = format!("{p}/{}", c.name);
+                        if c.name != "name" {
+                            return Err(def_err(DefError::UnknownElement(cp)));
+                        }
+                        if name
+                            .replace(xml_trim(&text_leaf(c, &cp)?).to_owned())
+                            .is_some()
+                        {
+                            return Err(invalid("element <name> appears twice in <parent>"));
+                        }
+                    }
+                    let name = name.ok_or_else(|| invalid("<parent> needs a <name>"))?;
+                    if name.is_empty() {
+                        return Err(invalid("the parent's <name> is empty"));
+                    }
+                    doc.parent = Some(name);
+                }
+                "memory" => doc.memory = Some(parse_memory_doc(child, &p)?),
+                "disks" | "revertDisks" => {
+                    child.allow_attrs(&p, &[]).map_err(def_err)?;
+                    child.no_text(&p).map_err(def_err)?;
+                    let mut disks = Vec::new();
+                    for disk in &child.children {
+                        let dp = format!("{p}/{}", disk.name);
+                        if disk.name != "disk" {
+                            return Err(def_err(DefError::UnknownElement(dp)));
+                        }
+                        disks.push(parse_disk_doc(disk, &dp, raw(disk))?);
+                    }
+                    if child.name == "disks" {
+                        doc.disks = Some(disks);
+                    } else {
+                        doc.revert_disks = Some(raw(child));
+                    }
+                }
+                "active" => {
+                    let text = text_leaf(child, &p)?;
+                    doc.active = Some(match xml_trim(&text) {
+                        "0" => false,
+                        "1" => true,
+                        other => {
+                            return Err(invalid(format!(
+                                "<active> must be 0 or 1, not '{}'",
+                                other.escape_debug()
+                            )));
+                        }
+                    });
+                }
+                "domain" => doc.domain = Some(raw(child)),
+                "inactiveDomain" => doc.inactive_domain = Some(raw(child)),
+                "cookie" => {
+                    child.no_text(&p).map_err(def_err)?;
+                    doc.cookie = Some(raw(child));
+                }
+                _ => return Err(def_err(DefError::UnknownElement(p))),
+            }
+        }
+        Ok(doc)
+    }
+
+    /// Writes the document the way libvirt formats one (`virsh snapshot-dumpxml`): name,
+    /// description, state, parent, creationTime, memory, disks, domain, inactiveDomain,
+    /// cookie, then `active` and `revertDisks` when present, two spaces of indentation, single
+    /// quotes. Verbatim parts are written as they were read.
+    pub fn to_xml(&self) -> String {
+        let mut x = String::from("<domainsnapshot>\n");
+        if let Some(name) = &self.name {
+            x.push_str(&format!("  <name>{}</name>\n", escape_text(name)));
+        }
+        if let Some(d) = &self.description {
+            x.push_str(&format!(
+                "  <description>{}</description>\n",
+                escape_text(d)
+            ));
+        }
+        if let Some(state) = &self.state {
+            x.push_str(&format!("  <state>{}</state>\n", escape_text(state)));
+        }
+        if let Some(parent) = &self.parent {
+            x.push_str(&format!(
+                "  <parent>\n    <name>{}</name>\n  </parent>\n",
+                escape_text(parent)
+            ));
+        }
+        if let Some(t) = self.creation_time {
+            x.push_str(&format!("  <creationTime>{t}</creationTime>\n"));
+        }
+        if let Some(m) = &self.memory {
+            x.push_str("  <memory");
+            if let Some(mode) = &m.snapshot {
+                x.push_str(&format!(" snapshot='{}'", escape_attr(mode)));
+            }
+            if let Some(file) = &m.file {
+                x.push_str(&format!(" file='{}'", escape_attr(file)));
+            }
+            x.push_str("/>\n");
+        }
+        match &self.disks {
+            Some(disks) if disks.is_empty() => x.push_str("  <disks/>\n"),
+            Some(disks) => {
+                x.push_str("  <disks>\n");
+                for d in disks {
+                    write_disk_doc(&mut x, d);
+                }
+                x.push_str("  </disks>\n");
+            }
+            None => {}
+        }
+        for raw in [&self.domain, &self.inactive_domain, &self.cookie]
+            .into_iter()
+            .flatten()
+        {
+            x.push_str("  ");
+            x.push_str(raw);
+            x.push('\n');
+        }
+        if let Some(active) = self.active {
+            x.push_str(&format!("  <active>{}</active>\n", u8::from(active)));
+        }
+        if let Some(raw) = &self.revert_disks {
+            x.push_str("  ");
+            x.push_str(raw);
+            x.push('\n');
+        }
+        x.push_str("</domainsnapshot>\n");
+        x
+    }
+}
+
+/// Indents every line of a `<domain>` document by two spaces, after removing a leading XML
+/// declaration, for embedding in `<domainsnapshot>` (as libvirt indents it).
+pub fn embed_domain(domain_xml: &str) -> String {
+    let mut domain = domain_xml.trim_start();
+    if domain.starts_with("<?xml")
+        && let Some(end) = domain.find("?>")
+    {
+        domain = domain[end + 2..].trim_start();
+    }
+    let lines: Vec<&str> = domain.trim_end().lines().collect();
+    lines.join("\n  ")
+}
+
+fn parse_memory_doc(node: &Node, path: &str) -> Result<MemoryDoc, PlanError> {
+    node.empty(path, &["snapshot", "file"]).map_err(def_err)?;
+    let snapshot = node.attr("snapshot").map(str::to_owned);
+    let file = node.attr("file").map(str::to_owned);
+    match snapshot.as_deref() {
+        None | Some("no" | "internal" | "external") => {}
+        Some("manual") => return Err(invalid("'manual' memory snapshots are not supported")),
+        Some(other) => {
+            return Err(invalid(format!(
+                "unknown memory snapshot mode '{}': expected no, internal or external",
+                other.escape_debug()
+            )));
+        }
+    }
+    if let Some(f) = &file {
+        absolute("the memory file", f)?;
+        if snapshot.as_deref().is_some_and(|m| m != "external") {
+            return Err(invalid(format!(
+                "memory file '{}' needs snapshot='external'",
+                f.escape_debug()
+            )));
+        }
+    } else if snapshot.as_deref() == Some("external") {
+        return Err(invalid("an external memory snapshot needs a file"));
+    }
+    Ok(MemoryDoc { snapshot, file })
+}
+
+fn parse_disk_doc(node: &Node, path: &str, raw: String) -> Result<DiskDoc, PlanError> {
+    node.allow_attrs(path, &["name", "snapshot", "type"])
+        .map_err(def_err)?;
+    node.no_text(path).map_err(def_err)?;
+    let name = node.required_attr(path, "name").map_err(def_err)?;
+    if name.is_empty() {
+        return Err(invalid("a <disk> has an empty name"));
+    }
+    let mut doc = DiskDoc {
+        name: name.to_owned(),
+        snapshot: node.attr("snapshot").map(str::to_owned),
+        source_type: node.attr("type").map(str::to_owned),
+        ..DiskDoc::default()
+    };
+    if let Some(mode) = &doc.snapshot
+        && !DOC_LOCATIONS.contains(&mode.as_str())
+    {
+        return Err(invalid(format!(
+            "disk {name}: unknown snapshot mode '{}': expected one of {}",
+            mode.escape_debug(),
+            DOC_LOCATIONS.join(", ")
+        )));
+    }
+    if let Some(ty) = &doc.source_type
+        && !matches!(ty.as_str(), "file" | "block" | "network")
+    {
+        return Err(invalid(format!(
+            "disk {name}: unsupported snapshot storage type '{}' (file, block or network)",
+            ty.escape_debug()
+        )));
+    }
+    let mut extra = false;
+    let (mut driver, mut source) = (false, false);
+    for child in &node.children {
+        let p = format!("{path}/{}", child.name);
+        match child.name.as_str() {
+            "driver" => {
+                if std::mem::replace(&mut driver, true) {
+                    return Err(invalid(format!("disk {name}: <driver> appears twice")));
+                }
+                child.allow_attrs(&p, &["type"]).map_err(def_err)?;
+                child.no_text(&p).map_err(def_err)?;
+                for c in &child.children {
+                    if c.name != "metadata_cache" {
+                        return Err(def_err(DefError::UnknownElement(format!("{p}/{}", c.name))));
+                    }
+                    extra = true;
+                }
+                if let Some(ty) = child.attr("type") {
+                    if ty.is_empty() || !ty.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                        return Err(invalid(format!(
+                            "disk {name}: invalid driver type '{}'",
+                            ty.escape_debug()
+                        )));
+                    }
+                    doc.driver_type = Some(ty.to_owned());
+                }
+            }
+            "source" => {
+                if std::mem::replace(&mut source, true) {
+                    return Err(invalid(format!("disk {name}: <source> appears twice")));
+                }
+                child
+                    .allow_attrs(
+                        &p,
+                        &["file", "dev", "protocol", "name", "startupPolicy", "index"],
+                    )
+                    .map_err(def_err)?;
+                child.no_text(&p).map_err(def_err)?;
+                extra |= !child.children.is_empty()
+                    || child
+                        .attrs
+                        .iter()
+                        .any(|(k, _)| !matches!(k.as_str(), "file" | "dev"));
+                if let Some(f) = child.attr("file") {
+                    absolute(&format!("disk {name}: source file"), f)?;
+                    doc.source_file = Some(f.to_owned());
+                }
+                if let Some(d) = child.attr("dev") {
+                    absolute(&format!("disk {name}: source device"), d)?;
+                    doc.source_dev = Some(d.to_owned());
+                }
+                let ty = doc.source_type.as_deref().unwrap_or("file");
+                let fits = match ty {
+                    "file" => child.attr("dev").is_none() && child.attr("protocol").is_none(),
+                    "block" => child.attr("dev").is_some() && child.attr("file").is_none(),
+                    _ => child.attr("protocol").is_some(),
+                };
+                if !fits {
+                    return Err(invalid(format!(
+                        "disk {name}: the <source> does not fit type='{ty}' (file needs \
+                         'file', block needs 'dev', network needs 'protocol')"
+                    )));
+                }
+            }
+            _ => return Err(def_err(DefError::UnknownElement(p))),
+        }
+    }
+    let external = match doc.snapshot.as_deref() {
+        Some("external") => true,
+        None => driver || source || doc.source_type.is_some(),
+        Some(_) => false,
+    };
+    if !external && (driver || source || doc.source_type.is_some()) {
+        return Err(invalid(format!(
+            "disk {name}: type, <driver> and <source> are only for an external snapshot"
+        )));
+    }
+    if extra {
+        doc.raw = Some(raw);
+    }
+    Ok(doc)
+}
+
+fn write_disk_doc(x: &mut String, d: &DiskDoc) {
+    if let Some(raw) = &d.raw {
+        x.push_str("    ");
+        x.push_str(raw);
+        x.push('\n');
+        return;
+    }
+    x.push_str(&format!("    <disk name='{}'", escape_attr(&d.name)));
+    if let Some(mode) = &d.snapshot {
+        x.push_str(&format!(" snapshot='{}'", escape_attr(mode)));
+    }
+    let has_source = d.source_file.is_some() || d.source_dev.is_some();
+    if let Some(ty) = &d.source_type {
+        x.push_str(&format!(" type='{}'", escape_attr(ty)));
+    }
+    if d.driver_type.is_none() && !has_source {
+        x.push_str("/>\n");
+        return;
+    }
+    x.push_str(">\n");
+    if let Some(dt) = &d.driver_type {
+        x.push_str(&format!("      <driver type='{}'/>\n", escape_attr(dt)));
+    }
+    if let Some(f) = &d.source_file {
+        x.push_str(&format!("      <source file='{}'/>\n", escape_attr(f)));
+    } else if let Some(dev) = &d.source_dev {
+        x.push_str(&format!("      <source dev='{}'/>\n", escape_attr(dev)));
+    }
+    x.push_str("    </disk>\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,5 +1223,229 @@ mod tests {
             .children;
         assert!(disks.iter().all(|d| d.attr("snapshot") == Some("external")));
         assert_eq!(disks.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod doc_tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    fn corpus(kind: &str) -> Vec<(PathBuf, String)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/snapshot-xml")
+            .join(kind);
+        let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).unwrap();
+                (p, text)
+            })
+            .collect();
+        files.sort();
+        assert!(files.len() >= 5, "corpus {kind} is too small");
+        files
+    }
+
+    #[test]
+    fn doc_valid_corpus_round_trips() {
+        for (path, text) in corpus("valid") {
+            let doc =
+                SnapshotDoc::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let out = doc.to_xml();
+            let again = SnapshotDoc::parse(&out).unwrap_or_else(|e| {
+                panic!("{}: output does not parse: {e}\n{out}", path.display())
+            });
+            assert_eq!(
+                again,
+                doc,
+                "{}: changed by a round trip\n{out}",
+                path.display()
+            );
+            assert_eq!(again.to_xml(), out, "{}: output not stable", path.display());
+        }
+    }
+
+    #[test]
+    fn doc_invalid_corpus_is_refused_as_invalid_argument() {
+        for (path, text) in corpus("invalid") {
+            match SnapshotDoc::parse(&text) {
+                Err(PlanError::InvalidArgument(_)) => {}
+                other => panic!(
+                    "{}: expected InvalidArgument, got {other:?}",
+                    path.display()
+                ),
+            }
+        }
+    }
+
+    fn parse_file(name: &str) -> SnapshotDoc {
+        let (_, text) = corpus("valid")
+            .into_iter()
+            .find(|(p, _)| p.ends_with(name))
+            .unwrap();
+        SnapshotDoc::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn doc_libvirt_output_reads_every_element_and_keeps_the_rest_verbatim() {
+        let doc = parse_file("libvirt-internal-checkpoint.xml");
+        assert_eq!(doc.name.as_deref(), Some("before-upgrade"));
+        assert_eq!(doc.description.as_deref(), Some("Kernel 6.1 & friends"));
+        assert_eq!(doc.state.as_deref(), Some("running"));
+        assert_eq!(doc.parent.as_deref(), Some("fresh-install"));
+        assert_eq!(doc.creation_time, Some(1_700_000_123));
+        assert_eq!(
+            doc.memory,
+            Some(MemoryDoc {
+                snapshot: Some("internal".into()),
+                file: None
+            })
+        );
+        let disks = doc.disks.as_ref().unwrap();
+        assert_eq!(disks.len(), 2);
+        assert_eq!(disks[1].snapshot.as_deref(), Some("no"));
+        let domain = doc.domain.as_deref().unwrap();
+        assert!(domain.starts_with("<domain type='kvm'>") && domain.ends_with("</domain>"));
+        assert!(
+            domain
+                .contains("<interface type='network'>\n        <mac address='52:54:00:12:34:56'/>")
+        );
+        let cookie = doc.cookie.as_deref().unwrap();
+        assert!(cookie.starts_with("<cookie>") && cookie.contains("<slirpHelper/>"));
+        // Written back in libvirt's order with the kept parts untouched.
+        let out = doc.to_xml();
+        let order: Vec<usize> = [
+            "<name>before",
+            "<description>",
+            "<state>",
+            "<parent>",
+            "<creationTime>",
+            "<memory",
+            "<disks>",
+            "<domain type",
+            "<cookie>",
+        ]
+        .iter()
+        .map(|t| {
+            out.find(t)
+                .unwrap_or_else(|| panic!("{t} missing from\n{out}"))
+        })
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
+        assert!(out.contains(domain) && out.contains(cookie));
+    }
+
+    #[test]
+    fn doc_odd_but_valid_input_is_read_as_meant() {
+        let doc = parse_file("odd-whitespace-and-order.xml");
+        assert_eq!(doc.name.as_deref(), Some("point-été"));
+        assert_eq!(doc.state.as_deref(), Some("paused"));
+        assert_eq!(doc.creation_time, Some(1_700_000_000));
+        assert_eq!(
+            doc.description.as_deref(),
+            Some("a <b>bold</b> & \"quoted\" claim and <more>")
+        );
+        let m = doc.memory.unwrap();
+        assert_eq!(
+            (m.snapshot, m.file.as_deref()),
+            (None, Some("/var/lib/vmsnap/ram & more.state"))
+        );
+        let doc = parse_file("unicode-description.xml");
+        let d = doc.description.unwrap();
+        assert!(
+            d.contains("😀 👩‍💻") && d.contains("e\u{301}") && d.contains("שלום"),
+            "{d}"
+        );
+        assert!(d.contains("CR\rend"), "{d:?}");
+        assert_eq!(doc.disks, Some(Vec::new()));
+    }
+
+    #[test]
+    fn doc_detailed_disks_are_kept_whole() {
+        let doc = parse_file("detailed-disks.xml");
+        let disks = doc.disks.unwrap();
+        assert_eq!(disks[0].source_dev.as_deref(), Some("/dev/vg0/web1-snap"));
+        assert_eq!(
+            disks[0].raw, None,
+            "a plain block disk needs no verbatim copy"
+        );
+        for d in &disks[1..3] {
+            let raw = d.raw.as_deref().unwrap();
+            assert!(
+                raw.starts_with("<disk name=") && raw.ends_with("</disk>"),
+                "{raw}"
+            );
+        }
+        assert!(
+            disks[1]
+                .raw
+                .as_deref()
+                .unwrap()
+                .contains("<seclabel model='dac' relabel='no'/>")
+        );
+        assert!(
+            disks[2]
+                .raw
+                .as_deref()
+                .unwrap()
+                .contains("gluster.example.org")
+        );
+        assert_eq!(disks[3].snapshot.as_deref(), Some("manual"));
+        assert_eq!(disks[4].source_type.as_deref(), Some("file"));
+    }
+
+    #[test]
+    fn doc_refusals_name_the_culprit() {
+        let refused = |xml: &str, needle: &str| match SnapshotDoc::parse(xml) {
+            Err(PlanError::InvalidArgument(m)) => {
+                assert!(m.contains(needle), "{xml}: {m:?} lacks {needle:?}")
+            }
+            other => panic!("{xml}: {other:?}"),
+        };
+        let s = |inner: &str| format!("<domainsnapshot>{inner}</domainsnapshot>");
+        refused(&s("<creationTime>12a</creationTime>"), "'12a'");
+        refused(&s("<creationTime>+12</creationTime>"), "'+12'");
+        refused(&s("<creationTime></creationTime>"), "creationTime");
+        refused(&s("<state>nostate</state>"), "'nostate'");
+        refused(&s("<name>a</name><name>b</name>"), "<name> appears twice");
+        refused(&s("<cookie>text</cookie>"), "this element holds no text");
+        refused(&s("<parent><name>a</name><name>b</name></parent>"), "twice");
+        refused(&s("<parent><name> </name></parent>"), "empty");
+        refused(&s("<memory snapshot='external'/>"), "needs a file");
+        refused(
+            &s("<disks><disk name='a' snapshot='sideways'/></disks>"),
+            "'sideways'",
+        );
+        refused(
+            &s("<disks><disk name='a'><source file='rel'/></disk></disks>"),
+            "absolute",
+        );
+        refused(
+            &s("<disks><disk name='a'><driver type='q c'/></disk></disks>"),
+            "driver type",
+        );
+        refused(
+            &s("<disks><disk name='a'><target dev='x'/></disk></disks>"),
+            "<target>",
+        );
+        refused(&s("<revertDisks><x/></revertDisks>"), "<x>");
+        let big = s(&format!(
+            "<description>{}</description>",
+            "x".repeat(MAX_XML_BYTES)
+        ));
+        refused(&big, "larger than");
+        let deep = format!("<domain>{}{}</domain>", "<a>".repeat(40), "</a>".repeat(40));
+        refused(&s(&deep), "nested too deeply");
+    }
+
+    #[test]
+    fn doc_embed_domain_indents_and_drops_the_declaration() {
+        assert_eq!(
+            embed_domain("<?xml version='1.0'?>\n<domain>\n  <name>a</name>\n</domain>\n"),
+            "<domain>\n    <name>a</name>\n  </domain>"
+        );
+        assert_eq!(embed_domain("  \n"), "");
     }
 }

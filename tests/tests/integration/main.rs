@@ -8,6 +8,7 @@ mod frontend;
 mod harness_selftest;
 mod introspection;
 mod readme;
+mod redefine;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
