@@ -8,6 +8,7 @@ use vmsnap_dbus::names::option;
 use zbus::OwnedVariant;
 use zbus::message::Header;
 
+use super::auth::{self, Action, authorize};
 use super::job::run_job;
 use super::options::Options;
 use super::wire_error;
@@ -65,6 +66,7 @@ impl SnapshotIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Revert).await?;
         let opts = Options::parse(
             "Revert",
             options,
@@ -97,6 +99,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("revert", self.handle.id().0, &caller(&header));
+        auth::record_owner(&job, &header).await;
         let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;
@@ -145,6 +148,7 @@ impl SnapshotIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Delete).await?;
         let opts = Options::parse(
             "Delete",
             options,
@@ -172,6 +176,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("delete-snapshot", self.handle.id().0, &caller(&header));
+        auth::record_owner(&job, &header).await;
         let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;
