@@ -18,6 +18,7 @@ pub mod env;
 pub mod guest;
 pub mod images;
 pub mod process;
+pub mod users;
 
 pub use bus::{EventRecorder, PropertiesChanged, Signal, TestBus, connect, policy_file};
 pub use client::Client;
