@@ -4,6 +4,7 @@
 //! has a deadline for every wait; nextest runs the tests in parallel processes.
 
 mod auth;
+mod confinement;
 mod domains;
 mod harness_selftest;
 mod introspection;
