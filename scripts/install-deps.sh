@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages that vmsnap's tests and demo need, on Debian 12 and alike:
-# QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon
-# and sqlite3. Quick and silent when everything is already there; non-interactive; as root it
+# QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon,
+# sqlite3, and gdbus (the authorization tests call every method with it as other users). Quick and silent when everything is already there; non-interactive; as root it
 # runs apt-get directly, otherwise through `sudo -n` when sudo exists.
 #
 # Order matters: installing qemu-system-x86 (7.2) removes a newer preinstalled qemu-utils, and
@@ -19,7 +19,7 @@ version_of() {
 # Prints why an install is needed and succeeds, or fails when nothing is missing.
 needs_install() {
     local tool
-    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3; do
+    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 gdbus setpriv useradd; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             echo "install-deps: $tool is missing"
             return 0
@@ -56,7 +56,7 @@ if needs_install; then
     apt update
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
-    apt "${install[@]}" dbus sqlite3
+    apt "${install[@]}" dbus sqlite3 libglib2.0-bin util-linux passwd
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do
