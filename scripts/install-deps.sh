@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages that vmsnap's tests and demo need, on Debian 12 and alike:
 # QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon,
-# sqlite3, and gdbus (the authorization tests call every method with it as other users). Quick and silent when everything is already there; non-interactive; as root it
+# sqlite3, gdbus (the authorization tests call every method with it as other users) and polkitd
+# (run on the private test bus). Quick and silent when everything is already there; non-interactive; as root it
 # runs apt-get directly, otherwise through `sudo -n` when sudo exists.
 #
 # Order matters: installing qemu-system-x86 (7.2) removes a newer preinstalled qemu-utils, and
@@ -25,6 +26,10 @@ needs_install() {
             return 0
         fi
     done
+    if [ ! -x /usr/lib/polkit-1/polkitd ]; then
+        echo "install-deps: polkitd is missing"
+        return 0
+    fi
     local system img
     system=$(version_of qemu-system-x86_64)
     img=$(version_of qemu-img)
@@ -56,7 +61,7 @@ if needs_install; then
     apt update
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
-    apt "${install[@]}" dbus sqlite3 libglib2.0-bin util-linux passwd
+    apt "${install[@]}" dbus sqlite3 libglib2.0-bin util-linux passwd polkitd
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do

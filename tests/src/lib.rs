@@ -17,6 +17,7 @@ pub mod deadline;
 pub mod env;
 pub mod guest;
 pub mod images;
+pub mod polkit;
 pub mod process;
 pub mod users;
 

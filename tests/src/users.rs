@@ -52,6 +52,16 @@ pub fn test_users() -> (TestUser, TestUser) {
         nix::unistd::geteuid().is_root(),
         "authorization tests create users and must run as root"
     );
+    with_lock(|| {
+        run_ok(Command::new("groupadd").args(["--force", "--system", ADMIN_GROUP]));
+        let nobody = ensure_user(UNPRIVILEGED_USER, None);
+        let member = ensure_user(MEMBER_USER, Some(ADMIN_GROUP));
+        (nobody, member)
+    })
+}
+
+/// Runs `f` holding the machine-wide lock of the tests' changes to system files.
+pub fn with_lock<T>(f: impl FnOnce() -> T) -> T {
     let lock = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -60,13 +70,11 @@ pub fn test_users() -> (TestUser, TestUser) {
         .unwrap_or_else(|e| panic!("cannot open {LOCK_FILE}: {e}"));
     let _guard = Flock::lock(lock, FlockArg::LockExclusive)
         .unwrap_or_else(|(_, e)| panic!("cannot lock {LOCK_FILE}: {e}"));
-    run_ok(Command::new("groupadd").args(["--force", "--system", ADMIN_GROUP]));
-    let nobody = ensure_user(UNPRIVILEGED_USER, None);
-    let member = ensure_user(MEMBER_USER, Some(ADMIN_GROUP));
-    (nobody, member)
+    f()
 }
 
-fn ensure_user(name: &str, group: Option<&str>) -> TestUser {
+/// Creates user `name` (in `group`, if given) unless it exists; call under [`with_lock`].
+pub fn ensure_user(name: &str, group: Option<&str>) -> TestUser {
     if lookup(name).is_none() {
         let mut cmd = Command::new("useradd");
         cmd.args(["--system", "--user-group", "--no-create-home"])

@@ -451,3 +451,48 @@ async fn auth_group_member_may_act_and_cancel_only_own_jobs() {
     );
     env.client.ok(["domain", "destroy", "ag"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_polkit_grants_only_its_action_to_a_user_outside_the_group() {
+    if !vmsnap_tests::polkit::Polkit::available() {
+        panic!("polkitd is not installed (scripts/install-deps.sh installs it)");
+    }
+    let (nobody, _) = test_users();
+    let env = TestEnv::start();
+    let (_polkit, pk_user) = vmsnap_tests::polkit::Polkit::start(env.bus_address()).await;
+    domain_with_snapshot(&env, "ap");
+
+    // The rule gives this user `create` and nothing else.
+    let client = env.client.clone().as_user(&pk_user);
+    client.ok(["create", "ap", "--name", "by-polkit", "--disk-only"]);
+    for (args, action) in [
+        (vec!["delete", "ap", "s1"], "delete"),
+        (vec!["revert", "ap", "s1"], "revert"),
+        (vec!["domain", "destroy", "ap"], "manage"),
+    ] {
+        let (code, err) = client.err(&args);
+        assert_eq!(code, 6, "{args:?}: {err}");
+        assert!(
+            err.contains(&format!("org.vmsnap.VmSnap1.{action}")),
+            "{err}"
+        );
+    }
+    // The rule is for that user only.
+    let (code, err) = env.client.clone().as_user(&nobody).err([
+        "create",
+        "ap",
+        "--name",
+        "by-nobody",
+        "--disk-only",
+    ]);
+    assert_eq!(code, 6, "{err}");
+    let v = env.client.json(["list", "ap"]);
+    let names: BTreeSet<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, BTreeSet::from(["s1", "by-polkit"]));
+    env.client.ok(["domain", "destroy", "ap"]);
+}
