@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages that vmsnap's tests and demo need, on Debian 12 and alike:
-# QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon
-# and sqlite3. Quick and silent when everything is already there; non-interactive; as root it
+# QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon,
+# sqlite3, gdbus (the authorization tests call every method with it as other users) and polkitd
+# (run on the private test bus). Quick and silent when everything is already there; non-interactive; as root it
 # runs apt-get directly, otherwise through `sudo -n` when sudo exists.
 #
 # Order matters: installing qemu-system-x86 (7.2) removes a newer preinstalled qemu-utils, and
@@ -19,7 +20,7 @@ version_of() {
 # Prints why an install is needed and succeeds, or fails when nothing is missing.
 needs_install() {
     local tool
-    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 busctl script; do
+    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 busctl script gdbus setpriv useradd; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             echo "install-deps: $tool is missing"
             return 0
@@ -28,6 +29,10 @@ needs_install() {
     # The example front end and its test use the system Python's D-Bus and GLib bindings.
     if ! /usr/bin/python3 -c 'import dbus, gi' >/dev/null 2>&1; then
         echo "install-deps: python3-dbus or python3-gi is missing"
+        return 0
+    fi
+    if [ ! -x /usr/lib/polkit-1/polkitd ]; then
+        echo "install-deps: polkitd is missing"
         return 0
     fi
     local system img
@@ -61,7 +66,8 @@ if needs_install; then
     apt update
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
-    apt "${install[@]}" dbus sqlite3 systemd bsdutils python3-dbus python3-gi
+    apt "${install[@]}" dbus sqlite3 systemd bsdutils python3-dbus python3-gi \
+        libglib2.0-bin util-linux passwd polkitd
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do

@@ -154,7 +154,6 @@ pub enum Command {
         /// Snapshot name.
         snapshot: String,
     },
-<<<<<<< HEAD
     /// List running jobs and finished ones that still linger.
     #[command(after_help = "Examples:\n  vmsnap jobs\n  vmsnap jobs --json")]
     Jobs,
@@ -185,7 +184,7 @@ pub enum Command {
         /// Write vmsnap.1 and one page per command into this directory.
         #[arg(long)]
         out_dir: Option<PathBuf>,
-=======
+    },
     /// Add a record for a snapshot whose files already exist, from a libvirt <domainsnapshot>
     /// document (as `virsh snapshot-dumpxml` writes it). The images are checked first; import a
     /// tree parent first.
@@ -201,7 +200,6 @@ pub enum Command {
         /// Make the snapshot the domain's current one.
         #[arg(long)]
         current: bool,
->>>>>>> xml
     },
 }
 

@@ -188,12 +188,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?
         }
-<<<<<<< HEAD
         Command::Jobs => jobs::list(&conn, &manager, json_mode).await?,
         Command::Cancel { job } => jobs::cancel(&conn, &manager, json_mode, &job).await?,
         // Answered before connecting (see `main`).
         Command::Completions { .. } | Command::Man { .. } => {}
-=======
         Command::Redefine {
             domain,
             file,
@@ -208,7 +206,6 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             snapshot::redefine(&conn, &manager, json_mode, &domain, &xml, current).await?
         }
->>>>>>> xml
     }
     Ok(())
 }

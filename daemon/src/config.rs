@@ -9,6 +9,11 @@ use std::path::PathBuf;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmsnap";
 /// Default runtime directory (QMP sockets, pid files, QEMU logs).
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/vmsnap";
+/// Default group whose members may change domains and snapshots (besides root and polkit).
+pub const DEFAULT_ADMIN_GROUP: &str = "vmsnap";
+/// The storage directory every daemon has, relative to the state directory: disk images,
+/// overlays and memory files may always live under `STATE_DIR/images`.
+pub const STATE_IMAGES_SUBDIR: &str = "images";
 
 /// Which message bus the daemon serves on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +37,14 @@ pub struct Config {
     pub bus: BusChoice,
     /// The `qemu-system-x86_64` binary to launch managed guests with.
     pub qemu_binary: PathBuf,
+    /// Directories (besides `STATE_DIR/images`) that may hold the files the daemon opens or
+    /// creates for callers: disk images, overlays, memory files (see `storage`).
+    pub storage_dirs: Vec<PathBuf>,
+    /// Members of this group may call mutating methods (see `dbus::auth`).
+    pub admin_group: String,
+    /// Whether to ask polkit (when it is on the bus) about callers that are neither root nor
+    /// members of `admin_group`.
+    pub polkit: bool,
 }
 
 impl Config {
@@ -42,7 +55,17 @@ impl Config {
             runtime_dir: PathBuf::from(DEFAULT_RUNTIME_DIR),
             bus: BusChoice::System,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            storage_dirs: Vec::new(),
+            admin_group: DEFAULT_ADMIN_GROUP.to_string(),
+            polkit: true,
         }
+    }
+
+    /// Every storage directory: `STATE_DIR/images` first, then `storage_dirs`.
+    pub fn storage_roots(&self) -> Vec<PathBuf> {
+        std::iter::once(self.state_dir.join(STATE_IMAGES_SUBDIR))
+            .chain(self.storage_dirs.iter().cloned())
+            .collect()
     }
 
     /// The runtime directory of the domain with catalog id `id`.

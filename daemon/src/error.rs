@@ -68,6 +68,9 @@ pub enum ServiceError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A path was refused by the storage confinement.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     /// The domain's actor is gone (the domain was undefined or the daemon is stopping).
     #[error("domain {0:?} is no longer served")]
     Gone(String),

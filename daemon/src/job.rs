@@ -62,6 +62,9 @@ pub struct Job {
     id: JobId,
     status: watch::Sender<JobStatus>,
     cancel: CancellationToken,
+    /// The unix user who started it, as the bus reported it (see `dbus::auth`); unset for jobs
+    /// nobody on the bus started, which only privileged callers may cancel.
+    owner_uid: std::sync::OnceLock<u32>,
 }
 
 impl Job {
@@ -135,6 +138,16 @@ impl Job {
         true
     }
 
+    /// Records the unix user who started the job (once; later calls are ignored).
+    pub fn set_owner_uid(&self, uid: u32) {
+        let _ = self.owner_uid.set(uid);
+    }
+
+    /// The unix user who started the job, if known.
+    pub fn owner_uid(&self) -> Option<u32> {
+        self.owner_uid.get().copied()
+    }
+
     /// The token the operation watches.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()
@@ -204,6 +217,7 @@ impl JobRegistry {
             id,
             status,
             cancel: CancellationToken::new(),
+            owner_uid: std::sync::OnceLock::new(),
         });
         self.jobs
             .lock()

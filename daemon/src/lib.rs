@@ -17,6 +17,7 @@ pub mod qmp;
 pub mod service;
 pub mod shutdown;
 pub mod snapshot;
+pub mod storage;
 pub mod systemd;
 pub mod testhooks;
 

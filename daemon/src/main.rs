@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use vmsnapd::config::{BusChoice, Config, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR};
+use vmsnapd::config::{
+    BusChoice, Config, DEFAULT_ADMIN_GROUP, DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR,
+};
 
 /// QEMU snapshot manager daemon, serving org.vmsnap.VmSnap1 on D-Bus.
 #[derive(Parser, Debug)]
@@ -30,6 +32,20 @@ struct Args {
     /// The QEMU binary for managed guests.
     #[arg(long, default_value = "qemu-system-x86_64", env = "VMSNAPD_QEMU")]
     qemu: PathBuf,
+    /// A directory that may hold disk images, overlays and memory files, besides
+    /// STATE_DIR/images (repeatable; the environment variable takes a ':'-separated list).
+    #[arg(
+        long = "storage-dir",
+        env = "VMSNAPD_STORAGE_DIRS",
+        value_delimiter = ':'
+    )]
+    storage_dirs: Vec<PathBuf>,
+    /// Members of this group may change domains and snapshots, like root.
+    #[arg(long, default_value = DEFAULT_ADMIN_GROUP, env = "VMSNAPD_ADMIN_GROUP")]
+    admin_group: String,
+    /// Never ask polkit; only root and the admin group may change anything.
+    #[arg(long)]
+    no_polkit: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +61,9 @@ fn main() -> anyhow::Result<()> {
         runtime_dir: args.runtime_dir,
         bus,
         qemu_binary: args.qemu,
+        storage_dirs: args.storage_dirs,
+        admin_group: args.admin_group,
+        polkit: !args.no_polkit,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

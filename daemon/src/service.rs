@@ -47,6 +47,10 @@ impl Service {
     pub async fn open(config: Config) -> ServiceResult<Arc<Service>> {
         actor::create_private_dir(&config.state_dir)?;
         actor::create_private_dir(&config.runtime_dir)?;
+        crate::storage::install(
+            crate::storage::StoragePolicy::from_config(&config)
+                .map_err(ServiceError::io("cannot create the storage directory"))?,
+        );
         let catalog = Catalog::open(&config.state_dir)?;
         let records = catalog.domains()?;
         let mut snapshots: BTreeMap<
@@ -182,6 +186,7 @@ impl Service {
     pub async fn define(&self, xml: &str) -> ServiceResult<DomainHandle> {
         let def = DomainDef::from_xml(xml)?;
         let _guard = self.registry_lock.lock().await;
+        crate::storage::check_disk_images(self, &def.disks, None)?;
         self.check_unique(&def.name, &def.uuid.to_string())?;
         let rec = self
             .shared

@@ -2,9 +2,9 @@
 //!
 //! [`TestBus`] generates a bus configuration that mirrors the stock system bus
 //! (`/usr/share/dbus-1/system.conf`): owning names and sending method calls are denied by
-//! default, signals and replies are allowed. Its only hole is the project's own
+//! default, signals and replies are allowed. Its holes are the project's own
 //! `systemd/dbus-1/system.d/org.vmsnap.VmSnap1.conf`, included as is, so the tests exercise
-//! the policy that gets installed. It listens on a unix socket in its own temporary directory,
+//! the policy that gets installed, and polkit's policy file when polkit is installed. It listens on a unix socket in its own temporary directory,
 //! has no service activation, and is killed and reaped on drop.
 
 use std::collections::HashMap;
@@ -111,6 +111,10 @@ impl TestBus {
     }
 }
 
+/// polkit's own system-bus policy (who may own its name and call it), included when present
+/// so that a test can run a real polkitd on the private bus (see [`crate::polkit`]).
+const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
+
 /// The bus configuration: a system bus as Debian ships it, minus the parts that need a real
 /// system (running as `messagebus`, a pid file, syslog, the activation helper), plus the
 /// project's policy.
@@ -148,6 +152,7 @@ fn bus_config(socket: &Path, policy: &Path) -> String {
            send_interface="org.freedesktop.DBus.Monitoring"/>
   </policy>
   <include>{policy}</include>
+  <include ignore_missing="yes">{POLKIT_BUS_POLICY}</include>
 </busconfig>
 "#
     )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::deadline::Deadline;
 use crate::process::{self, Output};
+use crate::users::TestUser;
 
 /// Time one client invocation may take unless [`Client::with_timeout`] says otherwise.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -18,6 +19,8 @@ pub struct Client {
     bus_address: String,
     timeout: Duration,
     echo: bool,
+    /// Run as this user instead of the test's own.
+    user: Option<TestUser>,
 }
 
 impl Client {
@@ -29,12 +32,19 @@ impl Client {
             bus_address: bus_address.to_owned(),
             timeout: CLIENT_TIMEOUT,
             echo: false,
+            user: None,
         }
     }
 
     /// The same client with another per-call timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// The same client, run as `user` (see [`crate::users`]).
+    pub fn as_user(mut self, user: &TestUser) -> Self {
+        self.user = Some(user.clone());
         self
     }
 
@@ -51,7 +61,10 @@ impl Client {
         S: AsRef<OsStr>,
     {
         let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = match &self.user {
+            Some(user) => user.command(&self.binary),
+            None => Command::new(&self.binary),
+        };
         cmd.arg("--address").arg(&self.bus_address).args(&args);
         if self.echo {
             let shown: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();

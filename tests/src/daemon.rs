@@ -44,6 +44,9 @@ pub struct Daemon {
     starts: u32,
     /// Test hooks on top of [`BASE_HOOK`].
     hooks: Vec<String>,
+    /// `--storage-dir`s: by default the directory holding the state directory (in a
+    /// [`crate::TestEnv`], the test's directory), so images anywhere in it may be used.
+    storage_dirs: Vec<PathBuf>,
     child: Option<ChildGuard>,
     last_status: Option<ExitStatus>,
     /// Descendants of daemons stopped so far: guests to kill and reap on drop.
@@ -118,6 +121,7 @@ impl Daemon {
                 .expect("cannot create the notify directory"),
             starts: 0,
             hooks: hooks.iter().map(|h| h.to_string()).collect(),
+            storage_dirs: state_dir.parent().into_iter().map(Path::to_owned).collect(),
             child: None,
             last_status: None,
             guests: BTreeSet::new(),
@@ -166,6 +170,11 @@ impl Daemon {
             .arg(&self.runtime_dir)
             .arg("--log-level")
             .arg(level)
+            .args(
+                self.storage_dirs
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--storage-dir"), d.as_os_str()]),
+            )
             .env("NOTIFY_SOCKET", &socket_path)
             .env("VMSNAPD_TEST_HOOKS", hooks)
             .env("RUST_BACKTRACE", "1")
@@ -270,6 +279,11 @@ impl Daemon {
     /// Pids of the processes the running daemon started (its guests), read from /proc.
     pub fn children(&self) -> BTreeSet<u32> {
         self.pid().map(process::descendants).unwrap_or_default()
+    }
+
+    /// Replaces the `--storage-dir`s; takes effect at the next start.
+    pub fn set_storage_dirs(&mut self, dirs: &[&Path]) {
+        self.storage_dirs = dirs.iter().map(|d| d.to_path_buf()).collect();
     }
 
     /// The bus the daemon is on.

@@ -17,7 +17,9 @@ pub mod deadline;
 pub mod env;
 pub mod guest;
 pub mod images;
+pub mod polkit;
 pub mod process;
+pub mod users;
 
 pub use bus::{EventRecorder, PropertiesChanged, Signal, TestBus, connect, policy_file};
 pub use client::Client;

@@ -12,6 +12,7 @@ use zbus::{ObjectServer, OwnedObjectPath, OwnedVariant, interface};
 
 use std::path::PathBuf;
 
+use super::auth::{self, Action, authorize};
 use super::job::run_job;
 use super::options::Options;
 use super::snapshot::sync_snapshots;
@@ -69,7 +70,12 @@ fn disk_rows(info: &DomainInfo) -> Vec<(String, String, String, Vec<String>)> {
 #[interface(name = "org.vmsnap.VmSnap1.Domain")]
 impl DomainIface {
     /// Starts the guest. Option `paused` (b) leaves its vCPUs stopped.
-    async fn start(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn start(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse("Start", options, &[option::PAUSED])?;
         let paused = opts.bool(option::PAUSED)?.unwrap_or(false);
         self.handle.start(paused).await.map_err(wire_error)
@@ -84,6 +90,7 @@ impl DomainIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse(
             "Shutdown",
             options,
@@ -99,6 +106,7 @@ impl DomainIface {
             .service
             .jobs
             .create("shutdown", self.handle.id().0, &caller(&header));
+        auth::record_owner(&job, &header).await;
         let handle = self.handle.clone();
         let j = job.clone();
         let (path, rx) = run_job(server, &self.service, job, async move {
@@ -114,19 +122,34 @@ impl DomainIface {
     }
 
     /// Stops the guest at once (QEMU quits; killed if it does not).
-    async fn destroy(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn destroy(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         Options::parse("Destroy", options, &[])?;
         self.handle.destroy().await.map_err(wire_error)
     }
 
     /// Pauses the guest's vCPUs.
-    async fn pause(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn pause(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         Options::parse("Pause", options, &[])?;
         self.handle.pause().await.map_err(wire_error)
     }
 
     /// Resumes the guest's vCPUs.
-    async fn resume(&self, options: HashMap<String, OwnedVariant>) -> Result<(), Error> {
+    async fn resume(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         Options::parse("Resume", options, &[])?;
         self.handle.resume().await.map_err(wire_error)
     }
@@ -143,11 +166,19 @@ impl DomainIface {
         &self,
         xml: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse("AttachDisk", options, &[option::CONFIG_ONLY])?;
         let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
         let disk = DiskDef::from_xml(&xml)
             .map_err(|e| Error::InvalidArgument(format!("invalid disk: {e}")))?;
+        crate::storage::check_disk_images(
+            &self.service,
+            std::slice::from_ref(&disk),
+            Some(self.handle.id()),
+        )
+        .map_err(|e| wire_error(e.into()))?;
         self.handle
             .attach_disk(disk, config_only)
             .await
@@ -160,7 +191,9 @@ impl DomainIface {
         &self,
         target: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse("DetachDisk", options, &[option::CONFIG_ONLY])?;
         let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
         self.handle
@@ -184,6 +217,7 @@ impl DomainIface {
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Create).await?;
         let opts = Options::parse("CreateSnapshot", options, CREATE_OPTIONS)?;
         let mut req = create_request(&opts)?;
         req.name = (!name.is_empty()).then_some(name);
@@ -201,6 +235,7 @@ impl DomainIface {
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Create).await?;
         let opts = Options::parse(
             "CreateSnapshotXml",
             options,
@@ -259,7 +294,9 @@ impl DomainIface {
         &self,
         command: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
     ) -> Result<String, Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse("MonitorCommand", options, &[option::HMP])?;
         let hmp = opts.bool(option::HMP)?.unwrap_or(false);
         self.handle.monitor(command, hmp).await.map_err(wire_error)
@@ -454,6 +491,7 @@ impl DomainIface {
             .service
             .jobs
             .create("create-snapshot", self.handle.id().0, &caller(header));
+        auth::record_owner(&job, header).await;
         let handle = self.handle.clone();
         let j = job.clone();
         let server2 = server.clone();

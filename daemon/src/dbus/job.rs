@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{domain_path, job_path};
+use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{ObjectServer, OwnedObjectPath, interface};
 
@@ -29,7 +30,8 @@ fn obj(s: String) -> OwnedObjectPath {
 #[interface(name = "org.vmsnap.VmSnap1.Job")]
 impl JobIface {
     /// Asks the operation to stop; refused with `Unsupported` when it cannot stop now.
-    async fn cancel(&self) -> Result<(), Error> {
+    async fn cancel(&self, #[zbus(header)] header: Header<'_>) -> Result<(), Error> {
+        super::auth::authorize_cancel(&header, &self.job).await?;
         if self.job.cancel() {
             Ok(())
         } else {

@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{domain_path, job_path, option};
+use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{ObjectPath, ObjectServer, OwnedObjectPath, OwnedVariant, interface};
 
+use super::auth::{Action, authorize};
 use super::domain::{DomainIface, register_domain};
 use super::options::Options;
 use super::wire_error;
@@ -48,9 +50,11 @@ impl ManagerIface {
         &self,
         xml: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Manage).await?;
         Options::parse("DefineDomain", options, &[])?;
         let handle = self.service.define(&xml).await.map_err(wire_error)?;
         let name = handle.name();
@@ -64,9 +68,11 @@ impl ManagerIface {
         &self,
         name: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         let opts = Options::parse("UndefineDomain", options, &[option::SNAPSHOTS_METADATA])?;
         let forget = opts.bool(option::SNAPSHOTS_METADATA)?.unwrap_or(false);
         let id = self
@@ -86,9 +92,11 @@ impl ManagerIface {
         name: String,
         qmp_socket: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Manage).await?;
         Options::parse("AttachDomain", options, &[])?;
         let handle = self
             .service

@@ -5,6 +5,7 @@
 //! paths carry catalog ids and job numbers, never user-supplied names. Property changes are
 //! announced by forwarder tasks that watch the service's channels.
 
+pub mod auth;
 mod domain;
 mod job;
 mod manager;
@@ -46,8 +47,26 @@ pub fn wire_error(e: ServiceError) -> Error {
         ServiceError::Catalog(crate::catalog::CatalogError::AlreadyExists(_)) => {
             Error::AlreadyExists(msg)
         }
+        ServiceError::Storage(e) => storage_wire_error(e, msg),
         ServiceError::Catalog(_) | ServiceError::Io { .. } | ServiceError::Gone(_) => {
             tracing::error!(error = ?e, "internal failure");
+            Error::Failed(msg)
+        }
+    }
+}
+
+/// Maps a storage refusal: a path the caller may not use is `NotAuthorized`, a taken name
+/// `AlreadyExists`, a malformed or missing one `InvalidArgument`.
+fn storage_wire_error(e: crate::storage::StorageError, msg: String) -> Error {
+    use crate::storage::StorageError as S;
+    match e {
+        S::Outside { .. } | S::Protected(_) | S::Symlink(_) | S::NotRegular { .. } => {
+            Error::NotAuthorized(msg)
+        }
+        S::Exists(_) | S::InUse { .. } => Error::AlreadyExists(msg),
+        S::NotAbsolute(_) | S::DotComponent(_) | S::Missing(_) => Error::InvalidArgument(msg),
+        S::Io { .. } => {
+            tracing::error!(error = ?e, "storage check failed");
             Error::Failed(msg)
         }
     }
@@ -66,6 +85,7 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus:
         .serve_at(ROOT_PATH, ManagerIface::new(service.clone()))
         .build()
         .await?;
+    auth::install(&conn, service.config());
     let server = conn.object_server();
     for handle in service.domains() {
         register_domain(server, &service, handle).await?;

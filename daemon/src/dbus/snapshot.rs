@@ -9,6 +9,7 @@ use vmsnap_dbus::names::option;
 use zbus::OwnedVariant;
 use zbus::message::Header;
 
+use super::auth::{self, Action, authorize};
 use super::job::run_job;
 use super::options::Options;
 use super::wire_error;
@@ -72,6 +73,7 @@ impl SnapshotIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Revert).await?;
         let opts = Options::parse(
             "Revert",
             options,
@@ -104,6 +106,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("revert", self.handle.id().0, &caller(&header));
+        auth::record_owner(&job, &header).await;
         let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;
@@ -152,6 +155,7 @@ impl SnapshotIface {
         #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Delete).await?;
         let opts = Options::parse(
             "Delete",
             options,
@@ -179,6 +183,7 @@ impl SnapshotIface {
             .service
             .jobs
             .create("delete-snapshot", self.handle.id().0, &caller(&header));
+        auth::record_owner(&job, &header).await;
         let j = job.clone();
         let handle = self.handle.clone();
         let id = self.id;

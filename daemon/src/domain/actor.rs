@@ -1230,6 +1230,7 @@ impl Actor {
             &RealFs,
         )
         .map_err(plan_error)?;
+        crate::storage::check_plan_files(&plan)?;
         let target = Target {
             qmp: if info.state.is_active() {
                 self.qmp.as_ref()

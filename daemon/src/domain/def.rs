@@ -58,6 +58,8 @@ use uuid::Uuid;
 pub const MAX_XML_BYTES: usize = 1 << 20;
 /// The longest accepted domain name, in characters.
 pub const MAX_NAME_LEN: usize = 64;
+/// The longest accepted domain description, in characters (as for snapshot descriptions).
+pub const MAX_DESCRIPTION_LEN: usize = 4096;
 /// The largest accepted number of virtual CPUs.
 pub const MAX_VCPUS: u32 = 64;
 /// The smallest accepted guest memory, in KiB (16 MiB).
@@ -399,6 +401,13 @@ impl DomainDef {
         }
         if let Some(description) = &self.description {
             check_xml_chars("description", description)?;
+            if description.chars().count() > MAX_DESCRIPTION_LEN {
+                return Err(invalid(
+                    "description",
+                    format!("{}...", description.chars().take(32).collect::<String>()),
+                    format!("must be at most {MAX_DESCRIPTION_LEN} characters"),
+                ));
+            }
         }
         if !(MIN_MEMORY_KIB..=MAX_MEMORY_KIB).contains(&self.memory_kib) {
             return Err(invalid(
@@ -1268,6 +1277,20 @@ mod tests {
         assert_eq!(writable, ["vda", "sda", "sdb"]);
         assert!(def.disk("vdz").is_none());
         assert_eq!(DomainDef::from_xml(&def.to_xml()).unwrap(), def);
+    }
+
+    #[test]
+    fn description_longer_than_the_limit_is_refused() {
+        let with = |n: usize| {
+            format!(
+                "<domain type='qemu'><name>g</name><description>{}</description>\
+                 <memory>65536</memory></domain>",
+                "d".repeat(n)
+            )
+        };
+        assert!(DomainDef::from_xml(&with(MAX_DESCRIPTION_LEN)).is_ok());
+        let e = DomainDef::from_xml(&with(MAX_DESCRIPTION_LEN + 1)).unwrap_err();
+        assert!(e.to_string().contains("at most 4096"), "{e}");
     }
 
     #[test]

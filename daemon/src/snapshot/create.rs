@@ -115,10 +115,16 @@ async fn top_nodes(qmp: &Qmp) -> ServiceResult<std::collections::HashMap<String,
 }
 
 /// Creates `path` exclusively, readable only by the daemon.
+/// Inside the daemon the storage policy confines it (see `storage`); without one (the library
+/// alone) it still never follows a link.
 pub(crate) fn create_exclusive(path: &Path) -> ServiceResult<std::fs::File> {
+    if let Some(policy) = crate::storage::installed() {
+        return Ok(policy.create_new(path)?);
+    }
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .mode(0o600)
         .open(path)
         .map_err(|e| {

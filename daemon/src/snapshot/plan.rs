@@ -378,8 +378,9 @@ fn exists(msg: impl Into<String>) -> PlanError {
 // ---------------------------------------------------------------------------------------------
 // Names and text
 
-/// Checks a snapshot name: 1..=[`MAX_NAME_LEN`] characters, no control characters (nor
-/// characters XML cannot carry), no `/`, not `.` or `..`.
+/// Checks a snapshot name: 1..=[`MAX_NAME_LEN`] characters (any Unicode letters, spaces
+/// included), no control characters (nor characters XML cannot carry, NUL among them), no `/`,
+/// not starting with `-` or `.`.
 pub fn validate_snapshot_name(name: &str) -> Result<(), PlanError> {
     let reason = if name.is_empty() {
         Some("must not be empty".to_owned())
@@ -389,8 +390,10 @@ pub fn validate_snapshot_name(name: &str) -> Result<(), PlanError> {
         Some("must not contain control characters".to_owned())
     } else if name.contains('/') {
         Some("must not contain '/'".to_owned())
-    } else if name == "." || name == ".." {
-        Some("must not be '.' or '..'".to_owned())
+    } else if name.starts_with(['-', '.']) {
+        // A leading '-' reads as an option on command lines, a leading '.' hides files and
+        // covers '.' and '..'.
+        Some("must not start with '-' or '.'".to_owned())
     } else {
         None
     };
@@ -1099,6 +1102,10 @@ mod tests {
             "a/b".into(),
             ".".into(),
             "..".into(),
+            "...".into(),
+            "-x".into(),
+            ".hidden".into(),
+            "a\0b".into(),
         ] {
             let e = validate_snapshot_name(&bad).unwrap_err();
             assert_eq!(err_kind(&e), "invalid", "{bad:?}");
@@ -1110,9 +1117,9 @@ mod tests {
         }
         for good in [
             "é".repeat(MAX_NAME_LEN),
-            "...".into(),
+            "x...".into(),
             "a b".into(),
-            "-x".into(),
+            "x-".into(),
         ] {
             assert_eq!(validate_snapshot_name(&good), Ok(()), "{good:?}");
         }

@@ -63,7 +63,6 @@ pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
     })
 }
 
-<<<<<<< HEAD
 /// Bytes the host file system has allocated for the files this snapshot added: its external
 /// VM-state file and the overlays created on top of its external disks (they hold what the
 /// guest wrote since the snapshot). Internal snapshot data lives inside disk images shared with
@@ -84,21 +83,6 @@ pub fn size_on_disk(rec: &SnapshotRecord) -> u64 {
         .fold(memory, u64::saturating_add)
 }
 
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            '\r' => out.push_str("&#13;"),
-            c => out.push(c),
-        }
-    }
-    out
-=======
 /// The parts of a redefined `<domainsnapshot>` document that vmsnap keeps without acting on
 /// them, exactly as they were written (the catalog's `snapshot_xml_parts`), so that exporting
 /// the snapshot gives them back.
@@ -119,7 +103,6 @@ pub struct XmlParts {
     /// `<disk>` elements with more detail than vmsnap models, by disk target.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub disks: BTreeMap<String, String>,
->>>>>>> xml
 }
 
 impl XmlParts {

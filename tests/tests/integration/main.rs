@@ -3,6 +3,8 @@
 //! One module per feature. Each test builds what it needs from the `vmsnap_tests` harness and
 //! has a deadline for every wait; nextest runs the tests in parallel processes.
 
+mod auth;
+mod confinement;
 mod domains;
 mod frontend;
 mod harness_selftest;
