@@ -64,9 +64,10 @@ impl SnapshotIface {
     /// Reverts the domain to this snapshot (a job). Options: `running` (b) or `paused` (b) to
     /// choose the state to end in instead of the snapshot's, `delete-children` (b: delete the
     /// snapshot's descendants first instead of branching), `force` (b: allowed to replace a
-    /// running guest whose disks or hardware changed since the snapshot), `async` (b). Internal snapshots
-    /// revert in place when the configuration is unchanged; snapshots with external files are
-    /// refused with `Unsupported` for now.
+    /// running guest whose disks or hardware changed since the snapshot), `async` (b). Internal
+    /// snapshots revert in place when the configuration is unchanged; external ones get new
+    /// overlays on the snapshot's images (a branch), so the snapshot and its children stay
+    /// valid. Returns this snapshot's path, or the job's with `async`.
     async fn revert(
         &self,
         options: HashMap<String, OwnedVariant>,
