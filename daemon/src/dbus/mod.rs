@@ -5,10 +5,10 @@
 //! paths carry catalog ids and job numbers, never user-supplied names. Property changes are
 //! announced by forwarder tasks that watch the service's channels.
 
-mod domain;
+pub(crate) mod domain;
 mod job;
 mod manager;
-mod options;
+pub(crate) mod options;
 mod snapshot;
 
 use std::sync::Arc;
