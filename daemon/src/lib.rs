@@ -11,6 +11,7 @@ pub mod config;
 pub mod dbus;
 pub mod domain;
 pub mod error;
+pub mod fuzz;
 pub mod job;
 pub mod logging;
 pub mod qmp;

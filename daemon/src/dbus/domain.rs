@@ -406,7 +406,7 @@ const CREATE_OPTIONS: &[&str] = &[
 ];
 
 /// Reads the creation options into a request (name and description are set by the caller).
-fn create_request(opts: &Options) -> Result<CreateRequest, Error> {
+pub(crate) fn create_request(opts: &Options) -> Result<CreateRequest, Error> {
     let bad = |m: String| Error::InvalidArgument(m);
     let memory = match opts.string(option::MEMORY)? {
         Some(m) => Some(m.parse::<MemoryMode>().map_err(|_| {

@@ -6,10 +6,10 @@
 //! announced by forwarder tasks that watch the service's channels.
 
 pub mod auth;
-mod domain;
+pub(crate) mod domain;
 mod job;
 mod manager;
-mod options;
+pub(crate) mod options;
 mod snapshot;
 
 use std::sync::Arc;

@@ -1,5 +1,13 @@
-//! libvirt `<domainsnapshot>` documents: the creation format read into a [`CreateRequest`], and
-//! the output format written from a [`Plan`].
+//! libvirt `<domainsnapshot>` documents: the creation format read into a [`CreateRequest`], the
+//! output format written from a [`Plan`], and the whole documented format ([`SnapshotDoc`]: read
+//! for `RedefineSnapshot`, written for `GetXml`).
+//!
+//! [`SnapshotDoc`] reads every element of libvirt's format (its `formatsnapshot` page and
+//! `domainsnapshot.rng`) and refuses anything else; the elements vmsnap does not interpret
+//! (`<domain>`, `<inactiveDomain>`, `<cookie>`, `<revertDisks>`, disks with more detail than it
+//! models) are kept as the exact text of their element. Invariant: a document that parses
+//! writes back ([`SnapshotDoc::to_xml`], libvirt's element order and formatting) to a document
+//! that parses to the same value; the fuzz targets check it.
 //!
 //! The accepted creation subset (libvirt spelling):
 //!

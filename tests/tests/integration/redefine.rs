@@ -490,3 +490,94 @@ async fn xml_input_limits_refuse_hostile_domain_and_snapshot_documents() {
         "a.qcow2, hostile.xml and lim.xml only"
     );
 }
+
+fn counter(env: &TestEnv, dom: &str) -> u32 {
+    let out = env.client.ok([
+        "domain",
+        "monitor",
+        dom,
+        "--hmp",
+        &format!("xp /1wx 0x{:x}", vmsnap_tests::COUNTER_ADDR),
+    ]);
+    vmsnap_tests::guest::parse_xp_word(&out).unwrap_or_else(|| panic!("bad xp output {out:?}"))
+}
+
+/// Lets the counter guest run until its counter moved past `from`, then pauses it and returns
+/// the paused value.
+fn run_then_pause(env: &TestEnv, dom: &str, from: u32) -> u32 {
+    env.client.ok(["domain", "resume", dom]);
+    vmsnap_tests::poll_until(Deadline::step(), "the counter to move on", || {
+        (counter(env, dom) != from).then_some(())
+    });
+    env.client.ok(["domain", "pause", dom]);
+    counter(env, dom)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redefine_own_checkpoints_from_their_export_restores_ram() {
+    let env = TestEnv::start();
+    let a = env.images_dir().join("vda.qcow2");
+    vmsnap_tests::counter_boot_qcow2(&a);
+    let f = env.write_xml(
+        "own",
+        &domain_xml("own", &[DiskSpec::new(&a, "qcow2", "vda")]),
+    );
+    env.client.ok(["domain", "define", f.to_str().unwrap()]);
+    env.client.ok(["domain", "start", "own"]);
+    vmsnap_tests::poll_until(Deadline::step(), "counting", || {
+        (counter(&env, "own") != 0).then_some(())
+    });
+    env.client.ok(["domain", "pause", "own"]);
+    let saved1 = counter(&env, "own");
+    env.client.ok(["create", "own", "--name", "i1"]);
+    let saved2 = run_then_pause(&env, "own", saved1);
+    let mem = env.images_dir().join("x1.mem");
+    env.client.ok([
+        "create",
+        "own",
+        "--name",
+        "x1",
+        "--memory",
+        "external",
+        "--memory-file",
+        mem.to_str().unwrap(),
+    ]);
+    run_then_pause(&env, "own", saved2);
+    let i1 = env.client.ok(["dumpxml", "own", "i1"]);
+    let x1 = env.client.ok(["dumpxml", "own", "x1"]);
+    assert!(i1.contains("<memory snapshot='internal'/>"), "{i1}");
+    assert!(
+        x1.contains(&format!(
+            "<memory snapshot='external' file='{}'/>",
+            mem.display()
+        )),
+        "{x1}"
+    );
+
+    // Forget both records (the files stay), then redefine them from their exports.
+    env.client.ok(["delete", "own", "x1", "--metadata-only"]);
+    env.client.ok(["delete", "own", "i1", "--metadata-only"]);
+    assert!(listing(&env, "own").is_empty());
+    let i1_file = env.write_xml("i1", &i1);
+    let x1_file = env.write_xml("x1", &x1);
+    env.client
+        .ok(["redefine", "own", i1_file.to_str().unwrap()]);
+    env.client
+        .ok(["redefine", "own", x1_file.to_str().unwrap(), "--current"]);
+    assert_eq!(env.client.ok(["dumpxml", "own", "i1"]), i1);
+    assert_eq!(env.client.ok(["dumpxml", "own", "x1"]), x1);
+    assert_eq!(
+        listing(&env, "own"),
+        vec![
+            ("i1".to_string(), false, String::new()),
+            ("x1".to_string(), true, "i1".to_string())
+        ]
+    );
+
+    // Each reverts to its own RAM.
+    env.client.ok(["revert", "own", "i1", "--paused"]);
+    assert_eq!(counter(&env, "own"), saved1, "internal VM state");
+    env.client.ok(["revert", "own", "x1", "--paused"]);
+    assert_eq!(counter(&env, "own"), saved2, "external VM state");
+    env.client.ok(["domain", "destroy", "own"]);
+}
