@@ -186,7 +186,7 @@ impl Service {
     pub async fn define(&self, xml: &str) -> ServiceResult<DomainHandle> {
         let def = DomainDef::from_xml(xml)?;
         let _guard = self.registry_lock.lock().await;
-        crate::storage::check_disk_images(self, &def.disks, None)?;
+        crate::storage::check_disks(self, &def.disks, None).await?;
         self.check_unique(&def.name, &def.uuid.to_string())?;
         let rec = self
             .shared

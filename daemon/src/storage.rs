@@ -330,6 +330,80 @@ pub fn check_disk_images(
     Ok(())
 }
 
+/// Checks an existing file a caller names (an image or memory file in imported snapshot
+/// metadata, say) against the installed policy; a no-op without one.
+pub fn confine_existing(path: &Path) -> Result<(), StorageError> {
+    installed().map_or(Ok(()), |p| p.check_existing(path).map(|_| ()))
+}
+
+/// Checks a file the daemon is about to create for a caller against the installed policy; a
+/// no-op without one.
+pub fn confine_new(path: &Path) -> Result<(), StorageError> {
+    installed().map_or(Ok(()), |p| p.check_new(path))
+}
+
+/// Everything a disk image given by a caller must pass ([`check_disk_images`], then
+/// [`check_backing_chains`]): the one call in define and attach-disk.
+pub async fn check_disks(
+    service: &crate::service::Service,
+    disks: &[crate::domain::def::DiskDef],
+    this: Option<crate::catalog::DomainId>,
+) -> crate::error::ServiceResult<()> {
+    check_disk_images(service, disks, this)?;
+    check_backing_chains(disks).await
+}
+
+/// Checks that every backing file of the images of `disks` lies inside the storage
+/// directories too, so that an image cannot smuggle an outside file (say `/etc/shadow` as a raw
+/// backing file) into a guest. Raw images have no backing file. A chain that cannot be read is
+/// refused.
+pub async fn check_backing_chains(
+    disks: &[crate::domain::def::DiskDef],
+) -> crate::error::ServiceResult<()> {
+    use crate::error::ServiceError;
+    let Some(policy) = installed() else {
+        return Ok(());
+    };
+    for disk in disks {
+        if disk.format == crate::domain::def::DiskFormat::Raw {
+            continue;
+        }
+        let out = crate::domain::actor::qemu_img(&[
+            "info".as_ref(),
+            "-U".as_ref(),
+            "--backing-chain".as_ref(),
+            "--output=json".as_ref(),
+            "-f".as_ref(),
+            disk.format.as_str().as_ref(),
+            disk.source.as_os_str(),
+        ])
+        .await
+        .map_err(|e| {
+            ServiceError::InvalidArgument(format!(
+                "disk {}: cannot read the backing chain of {}: {e}",
+                disk.target,
+                disk.source.display()
+            ))
+        })?;
+        let chain: Vec<serde_json::Value> = serde_json::from_str(&out).map_err(|e| {
+            ServiceError::InvalidArgument(format!(
+                "disk {}: qemu-img's description of {} does not parse: {e}",
+                disk.target,
+                disk.source.display()
+            ))
+        })?;
+        // The first entry is the image itself, already checked.
+        for image in chain.iter().skip(1) {
+            let file = image
+                .get("filename")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default();
+            policy.check_existing(Path::new(file))?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks every file a snapshot plan will create: inside the storage directories, reached
 /// without links, not there yet. A no-op without an installed policy.
 pub fn check_plan_files(plan: &crate::snapshot::plan::Plan) -> Result<(), StorageError> {

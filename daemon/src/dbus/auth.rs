@@ -199,7 +199,7 @@ fn refused(action: Action, uid: u32) -> Error {
 /// Lets the method call `header` through for `action`, or refuses it with
 /// `Error.NotAuthorized`. Call it first thing in every mutating method.
 pub async fn authorize(header: &Header<'_>, action: Action) -> Result<Caller, Error> {
-    check_table(header, action);
+    let action = check_table(header, action);
     let auth = current()?;
     let sender = sender(header)?;
     let uid = auth.uid_of(&sender).await?;
@@ -231,7 +231,7 @@ pub async fn authorize(header: &Header<'_>, action: Action) -> Result<Caller, Er
 /// Lets the caller cancel `job` if it started it, is root, or polkit authorizes it for
 /// [`Action::Cancel`]; refuses with `Error.NotAuthorized` otherwise.
 pub async fn authorize_cancel(header: &Header<'_>, job: &Job) -> Result<Caller, Error> {
-    check_table(header, Action::Cancel);
+    let _ = check_table(header, Action::Cancel);
     let auth = current()?;
     let sender = sender(header)?;
     let uid = auth.uid_of(&sender).await?;
@@ -276,18 +276,24 @@ pub async fn record_owner(job: &Job, header: &Header<'_>) {
     }
 }
 
-/// A guard wired to the wrong action would silently apply another policy: say so loudly.
-fn check_table(header: &Header<'_>, action: Action) {
+/// The action that applies to the call: [`METHOD_ACTIONS`] is authoritative, so a guard wired
+/// with another action cannot apply a weaker policy; the mismatch (or a method missing from the
+/// table) is logged so that it gets fixed.
+fn check_table(header: &Header<'_>, action: Action) -> Action {
     let interface = header.interface().map(|i| i.as_str()).unwrap_or_default();
     let member = header.member().map(|m| m.as_str()).unwrap_or_default();
-    if action_of(interface, member) != Some(action) {
-        tracing::error!(
-            interface,
-            member,
-            action = action.polkit_id(),
-            "method guarded with an action METHOD_ACTIONS does not give it"
-        );
-        debug_assert!(false, "{interface}.{member} is not listed as {action:?}");
+    match action_of(interface, member) {
+        Some(listed) if listed == action => action,
+        listed => {
+            tracing::error!(
+                interface,
+                member,
+                guard = action.polkit_id(),
+                listed = listed.map(Action::polkit_id),
+                "a mutating method and METHOD_ACTIONS disagree"
+            );
+            listed.unwrap_or(action)
+        }
     }
 }
 

@@ -173,12 +173,13 @@ impl DomainIface {
         let config_only = opts.bool(option::CONFIG_ONLY)?.unwrap_or(false);
         let disk = DiskDef::from_xml(&xml)
             .map_err(|e| Error::InvalidArgument(format!("invalid disk: {e}")))?;
-        crate::storage::check_disk_images(
+        crate::storage::check_disks(
             &self.service,
             std::slice::from_ref(&disk),
             Some(self.handle.id()),
         )
-        .map_err(|e| wire_error(e.into()))?;
+        .await
+        .map_err(wire_error)?;
         self.handle
             .attach_disk(disk, config_only)
             .await

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use vmsnap_tests::{DiskSpec, TestEnv, domain_xml, qemu_img_create};
+use vmsnap_tests::{DiskSpec, TestEnv, domain_xml, qemu_img_create, qemu_img_create_overlay};
 
 const NOT_AUTHORIZED: &str = "org.vmsnap.VmSnap1.Error.NotAuthorized";
 const INVALID: &str = "org.vmsnap.VmSnap1.Error.InvalidArgument";
@@ -99,6 +99,9 @@ async fn confinement_disk_images_outside_storage_through_links_or_special_are_re
         nix::sys::stat::makedev(1, 3),
     )
     .unwrap();
+    // An image inside whose backing file is outside (a raw /etc/shadow would do as well).
+    let smuggler = images.join("smuggler.qcow2");
+    qemu_img_create_overlay(&smuggler, &secret, "qcow2");
     let dots = format!("{}/../../../../../etc/shadow", images.display());
     let catalog = env.dir().join("state/catalog.sqlite3");
     assert!(catalog.exists(), "the catalog is where the test expects it");
@@ -126,6 +129,7 @@ async fn confinement_disk_images_outside_storage_through_links_or_special_are_re
             "character device",
         ),
         ("/dev/null", NOT_AUTHORIZED, "outside"),
+        (smuggler.to_str().unwrap(), NOT_AUTHORIZED, "outside"),
         (
             catalog.to_str().unwrap(),
             NOT_AUTHORIZED,
