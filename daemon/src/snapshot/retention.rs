@@ -7,8 +7,9 @@
 //!
 //! Semantics (modelled on restic's `forget`, with max-age as an upper bound):
 //! - **Candidates.** By default only snapshots whose origin is [`ORIGIN_SCHEDULE`] are
-//!   candidates; with `include_manual` every snapshot is, whatever its origin. Non-candidates
-//!   are listed in [`Plan::ignored`] and never deleted.
+//!   candidates; with `include_manual` every snapshot is, whatever its origin. A snapshot that
+//!   is not committed (being created, or broken) is never a candidate. Non-candidates are
+//!   listed in [`Plan::ignored`] and never deleted.
 //! - **Keep rules.** Each rule is applied on its own to the whole candidate list and a
 //!   candidate is kept when any rule keeps it (its reasons accumulate). `keep-last N` keeps the
 //!   N newest candidates. `keep-hourly/daily/weekly/monthly/yearly N` keep the newest candidate
@@ -62,6 +63,8 @@ pub struct SnapshotFacts {
     pub is_current: bool,
     /// Its parent, if any.
     pub parent: Option<SnapshotId>,
+    /// Whether its record is committed (usable); others are left alone.
+    pub committed: bool,
 }
 
 /// A retention policy. `None` means the rule is not part of the policy; counts and ages are at
@@ -229,9 +232,9 @@ pub struct Plan {
     pub ignored: Vec<SnapshotId>,
 }
 
-/// Whether a snapshot of this origin is a pruning candidate.
-pub fn is_candidate(origin: &str, include_manual: bool) -> bool {
-    include_manual || origin == ORIGIN_SCHEDULE
+/// Whether a snapshot is a pruning candidate.
+pub fn is_candidate(s: &SnapshotFacts, include_manual: bool) -> bool {
+    s.committed && (include_manual || s.origin == ORIGIN_SCHEDULE)
 }
 
 /// Plans what `policy` keeps and deletes among `snapshots` at time `now` (Unix seconds).
@@ -240,7 +243,7 @@ pub fn plan(snapshots: &[SnapshotFacts], policy: &Policy, include_manual: bool, 
     // Newest first.
     let mut candidates: Vec<&SnapshotFacts> = Vec::new();
     for s in snapshots {
-        if is_candidate(&s.origin, include_manual) {
+        if is_candidate(s, include_manual) {
             candidates.push(s);
         } else {
             out.ignored.push(s.id);
@@ -398,6 +401,7 @@ mod tests {
             protected: false,
             is_current: false,
             parent: None,
+            committed: true,
         }
     }
 
@@ -489,6 +493,10 @@ mod tests {
         s[0].protected = true;
         s[1].is_current = true;
         s[2].origin = ORIGIN_MANUAL.into();
+        s.push(SnapshotFacts {
+            committed: false,
+            ..snap(6, MONDAY)
+        });
         let policy = Policy {
             keep_last: Some(1),
             ..Policy::default()
@@ -496,13 +504,13 @@ mod tests {
         let p = plan(&s, &policy, false, MONDAY + DAY);
         assert_eq!(kept(&p), vec![1, 2, 5]);
         assert_eq!(ids(&p.delete), vec![4]);
-        assert_eq!(ids(&p.ignored), vec![3]);
+        assert_eq!(ids(&p.ignored), vec![3, 6]);
         assert_eq!(p.keep[&SnapshotId(1)], vec![Reason::Protected]);
         assert_eq!(p.keep[&SnapshotId(2)], vec![Reason::Current]);
         // With manual snapshots included, 3 is a candidate and goes.
         let p = plan(&s, &policy, true, MONDAY + DAY);
         assert_eq!(ids(&p.delete), vec![4, 3]);
-        assert!(p.ignored.is_empty());
+        assert_eq!(ids(&p.ignored), vec![6], "never a half-made snapshot");
     }
 
     #[test]
@@ -606,6 +614,7 @@ mod tests {
                 prop::bool::weighted(0.2),
                 any::<prop::sample::Index>(),
                 any::<bool>(),
+                prop::bool::weighted(0.9),
             ),
             0..40,
         )
@@ -616,18 +625,22 @@ mod tests {
         .prop_map(|(rows, current)| {
             rows.into_iter()
                 .enumerate()
-                .map(|(i, (offset, origin, protected, parent, rooted))| {
-                    // Coarse times make ties and shared periods common.
-                    let t = MONDAY + (offset / 600) * 600;
-                    SnapshotFacts {
-                        id: SnapshotId(i as i64 + 1),
-                        created_at: t,
-                        origin: origin.to_string(),
-                        protected,
-                        is_current: current == Some(i),
-                        parent: (i > 0 && !rooted).then(|| SnapshotId(parent.index(i) as i64 + 1)),
-                    }
-                })
+                .map(
+                    |(i, (offset, origin, protected, parent, rooted, committed))| {
+                        // Coarse times make ties and shared periods common.
+                        let t = MONDAY + (offset / 600) * 600;
+                        SnapshotFacts {
+                            id: SnapshotId(i as i64 + 1),
+                            created_at: t,
+                            origin: origin.to_string(),
+                            protected,
+                            is_current: current == Some(i),
+                            parent: (i > 0 && !rooted)
+                                .then(|| SnapshotId(parent.index(i) as i64 + 1)),
+                            committed,
+                        }
+                    },
+                )
                 .collect()
         })
     }
@@ -660,9 +673,9 @@ mod tests {
     fn newest_first(s: &[SnapshotFacts], include_manual: bool) -> Vec<&SnapshotFacts> {
         let mut c: Vec<&SnapshotFacts> = s
             .iter()
-            .filter(|x| is_candidate(&x.origin, include_manual))
+            .filter(|x| is_candidate(x, include_manual))
             .collect();
-        c.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        c.sort_by_key(|b| std::cmp::Reverse((b.created_at, b.id)));
         c
     }
 
@@ -686,7 +699,8 @@ mod tests {
                 let x = by_id[id];
                 prop_assert!(!x.protected, "deleted protected {id}");
                 prop_assert!(!x.is_current, "deleted current {id}");
-                prop_assert!(is_candidate(&x.origin, manual), "deleted non-candidate {id}");
+                prop_assert!(x.committed, "deleted a record that is not committed {id}");
+                prop_assert!(manual || x.origin == ORIGIN_SCHEDULE, "deleted non-candidate {id}");
             }
         }
 
@@ -705,7 +719,7 @@ mod tests {
             let ignored: BTreeSet<SnapshotId> = p.ignored.iter().copied().collect();
             let others: BTreeSet<SnapshotId> = s
                 .iter()
-                .filter(|x| !is_candidate(&x.origin, manual))
+                .filter(|x| !is_candidate(x, manual))
                 .map(|x| x.id)
                 .collect();
             prop_assert_eq!(ignored, others);
