@@ -248,7 +248,11 @@ async fn run(
         .as_object()
         .is_some_and(|m| !m.is_empty());
     let pruned = if has_policy {
-        d.prune(Opts::new(), Opts::new()).await?
+        d.prune(Opts::new(), Opts::new()).await.map_err(|e| {
+            Failure::from(e).context(&format!(
+                "snapshot {name} of {domain} was created, but pruning failed"
+            ))
+        })?
     } else {
         Vec::new()
     };

@@ -384,6 +384,22 @@ async fn prune_bad_policy_values_are_refused_and_change_nothing() {
     assert_eq!(env.client.json(["schedule", "bad"]), schedule_before);
     let tags: Vec<String> = qemu_img_snapshots(&a).into_iter().map(|(_, t)| t).collect();
     assert_eq!(tags, ["s1", "s2"]);
+    // A valid change is stored and announced.
+    let rec = EventRecorder::vmsnap(&conn).await.unwrap();
+    let mut s = HashMap::new();
+    s.insert("kind", Variant::from("checkpoint"));
+    s.insert("keep-daily", Variant::U32(7));
+    d.set_schedule(s, HashMap::new()).await.unwrap();
+    let sig = rec
+        .wait_for(Deadline::step(), "Schedule changed", |sig| {
+            sig.properties_changed()
+                .is_some_and(|pc| pc.changed.contains_key("Schedule"))
+        })
+        .await;
+    assert_eq!(sig.path, vmsnap_dbus::names::domain_path(1));
+    let shown = env.client.json(["schedule", "bad"]);
+    assert_eq!(shown["kind"], "checkpoint");
+    assert_eq!(shown["retention"], serde_json::json!({"keep-daily": 7}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
