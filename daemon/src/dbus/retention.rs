@@ -383,3 +383,97 @@ pub(super) async fn set_protected(
         .await
         .map_err(wire_error)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(method: &'static str, pairs: Vec<(&str, Variant<'static>)>) -> Options {
+        let map = pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.try_into_owned().unwrap()))
+            .collect();
+        Options::parse(
+            method,
+            map,
+            &[POLICY_KEYS, &[key::ORIGIN, key::PROTECTED]].concat(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn retention_policy_reads_counts_and_durations() {
+        let o = opts(
+            "Prune",
+            vec![
+                ("keep-last", Variant::U32(3)),
+                ("keep-daily", Variant::U64(7)),
+                ("max-age", Variant::from("1w")),
+            ],
+        );
+        let p = policy_from(&o).unwrap();
+        assert_eq!(p.keep_last, Some(3));
+        assert_eq!(p.keep_daily, Some(7));
+        assert_eq!(p.max_age, Some(7 * 86_400));
+        let o = opts("Prune", vec![("max-age", Variant::U64(90))]);
+        assert_eq!(policy_from(&o).unwrap().max_age, Some(90));
+        let mut d = HashMap::new();
+        policy_dict(&p, &mut d);
+        assert_eq!(u32::try_from(&d["keep-last"]).unwrap(), 3);
+        assert_eq!(u64::try_from(&d["max-age"]).unwrap(), 7 * 86_400);
+        assert!(!d.contains_key("keep-hourly"));
+    }
+
+    #[test]
+    fn retention_policy_refuses_zero_huge_and_mistyped_values() {
+        for (k, v) in [
+            ("keep-last", Variant::U32(0)),
+            ("keep-hourly", Variant::U64(u64::from(u32::MAX) + 1)),
+            ("keep-weekly", Variant::from("3")),
+            ("max-age", Variant::U64(0)),
+            ("max-age", Variant::from("soon")),
+            ("max-age", Variant::Bool(true)),
+        ] {
+            let o = opts("Prune", vec![(k, v.clone())]);
+            assert!(
+                matches!(policy_from(&o), Err(Error::InvalidArgument(m)) if m.contains(k)),
+                "{k}={v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_create_origin_defaults_to_manual_and_is_checked() {
+        let o = opts("CreateSnapshot", vec![]);
+        assert_eq!(create_extras(&o).unwrap(), ("manual".to_string(), false));
+        let o = opts(
+            "CreateSnapshot",
+            vec![
+                ("origin", Variant::from("schedule")),
+                ("protected", Variant::Bool(true)),
+            ],
+        );
+        assert_eq!(create_extras(&o).unwrap(), ("schedule".to_string(), true));
+        for bad in ["", "Schedule", "a b", &"x".repeat(MAX_ORIGIN_LEN + 1)] {
+            let o = opts(
+                "CreateSnapshot",
+                vec![("origin", Variant::from(bad.to_string()))],
+            );
+            assert!(create_extras(&o).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retention_partial_error_keeps_its_kind() {
+        let e = with_message(Error::Busy("x".into()), "deleted a; then: x".into());
+        assert_eq!(e, Error::Busy("deleted a; then: x".into()));
+        let w = wire_error(ServiceError::Partial {
+            done: "prune deleted a before it stopped".into(),
+            source: Box::new(ServiceError::Unsupported("cannot merge b".into())),
+        });
+        assert_eq!(
+            w,
+            Error::Unsupported("prune deleted a before it stopped; then: cannot merge b".into())
+        );
+    }
+}
