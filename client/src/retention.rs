@@ -129,15 +129,25 @@ fn schedule_json(domain: &str, raw: &HashMap<String, OwnedVariant>) -> Value {
             }
         }
     }
-    json!({
+    let mut v = json!({
         "domain": domain,
         "kind": text(key::KIND),
         "prefix": text(key::PREFIX),
         "retention": retention,
-    })
+    });
+    if raw.contains_key("error") {
+        v["error"] = json!(text("error"));
+    }
+    v
 }
 
 fn schedule_text(v: &Value) -> String {
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return format!(
+            "Domain:    {}\nError:     {e}",
+            v["domain"].as_str().unwrap_or_default()
+        );
+    }
     let rules: Vec<String> = v["retention"]
         .as_object()
         .into_iter()
@@ -221,7 +231,11 @@ async fn run(
     domain: &str,
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, domain).await?;
-    let settings = schedule_json(domain, &d.schedule().await?);
+    let raw = d.schedule().await?;
+    if let Some(e) = raw.get("error").and_then(|v| <&str>::try_from(v).ok()) {
+        return Err(Failure::wire(vmsnap_dbus::Error::Failed(e.to_string())));
+    }
+    let settings = schedule_json(domain, &raw);
     let kind = settings["kind"].as_str().unwrap_or("disk-only").to_string();
     let prefix = settings["prefix"].as_str().unwrap_or("auto").to_string();
     let stamp = jiff::Timestamp::now()

@@ -368,11 +368,12 @@ impl DomainIface {
     /// Settings of scheduled snapshots (`vmsnap schedule run`): `kind` (s: `disk-only`, the
     /// default, or `checkpoint`), `prefix` (s: names are `PREFIX-YYYYMMDDTHHMMSSZ`, default
     /// `auto`) and the stored retention policy (`keep-*` as u, `max-age` as t seconds; absent
-    /// keys are not part of it). Changed with `SetSchedule`.
+    /// keys are not part of it). Changed with `SetSchedule`. Stored settings this build
+    /// cannot read show as the defaults plus `error` (s) saying why; scheduled runs and
+    /// `Prune` with the stored policy then fail until `SetSchedule` replaces them.
     #[zbus(property)]
-    async fn schedule(&self) -> Result<HashMap<String, OwnedVariant>, Error> {
-        super::retention::stored_schedule(&self.service, &self.handle)
-            .map(|s| super::retention::schedule_dict(&s))
+    async fn schedule(&self) -> HashMap<String, OwnedVariant> {
+        super::retention::schedule_property(&self.service, &self.handle)
     }
 }
 

@@ -169,6 +169,28 @@ pub(super) fn schedule_dict(s: &ScheduleSettings) -> HashMap<String, OwnedVarian
     out
 }
 
+/// The `Domain.Schedule` property: never an error, so that `GetAll` and `GetManagedObjects`
+/// keep working when one domain's stored settings are unreadable.
+pub(super) fn schedule_property(
+    service: &Service,
+    handle: &DomainHandle,
+) -> HashMap<String, OwnedVariant> {
+    match stored_schedule(service, handle) {
+        Ok(s) => schedule_dict(&s),
+        Err(e) => {
+            tracing::warn!(domain = %handle.name(), error = %e.message(), "unreadable schedule settings");
+            let mut d = schedule_dict(&ScheduleSettings::default());
+            if let Ok(v) = Variant::from(e.message()).try_into_owned() {
+                d.insert(SCHEDULE_ERROR.to_string(), v);
+            }
+            d
+        }
+    }
+}
+
+/// The key of `Domain.Schedule` that carries why the stored settings cannot be read.
+const SCHEDULE_ERROR: &str = "error";
+
 /// `Domain.SetSchedule`: merges `settings` into the stored settings (or into the defaults with
 /// option `reset`) and stores them. Everything is checked before anything is written.
 pub(super) fn set_schedule(

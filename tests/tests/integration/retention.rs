@@ -503,3 +503,48 @@ async fn prune_failing_midway_reports_what_it_deleted_and_keeps_the_rest() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("s1"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedule_unreadable_stored_settings_are_reported_and_replaceable() {
+    let mut env = TestEnv::start();
+    let (_a, _b) = define(&env, "u");
+    env.client.ok(["schedule", "set", "u", "--keep-last", "2"]);
+    // A value this build cannot read (as a newer version might write), put in by hand.
+    env.daemon.stop();
+    let db = env.dir().join("state/catalog.sqlite3");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg(r#"UPDATE domains SET settings = '{"schedule": {"kind": "hourly"}, "other": 1}'"#)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    env.daemon.start_again();
+    // Listing domains (GetAll / GetManagedObjects) still works and says what is wrong.
+    let v = env.client.json(["domain", "list"]);
+    assert_eq!(v[0]["name"], "u", "{v}");
+    let shown = env.client.json(["schedule", "u"]);
+    assert!(
+        shown["error"].as_str().unwrap().contains("hourly"),
+        "{shown}"
+    );
+    // A scheduled run refuses before taking a snapshot; Prune without a policy as well.
+    let (code, err) = env.client.err(["schedule", "run", "u"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, err) = env.client.err(["prune", "u"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(env.client.json(["list", "u"]), serde_json::json!([]));
+    // Merging into it is refused; a reset replaces it and keeps the other keys.
+    let (code, err) = env.client.err(["schedule", "set", "u", "--keep-last", "1"]);
+    assert_eq!(code, 7, "{err}");
+    let v = env
+        .client
+        .json(["schedule", "set", "u", "--reset", "--keep-last", "1"]);
+    assert_eq!(v["retention"], serde_json::json!({"keep-last": 1}), "{v}");
+    assert!(v.get("error").is_none(), "{v}");
+    let out = std::process::Command::new("sqlite3")
+        .arg(&db)
+        .arg("SELECT json_extract(settings, '$.other') FROM domains")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+}
