@@ -444,8 +444,21 @@ async fn snapshot_protected_is_persisted_announced_and_honoured_by_prune() {
     p.insert("keep-last", Variant::U32(1));
     let mut o = HashMap::new();
     o.insert("include-manual", Variant::Bool(true));
+    let mid_path = d.find_snapshot("mid").await.unwrap();
+    let rec = EventRecorder::vmsnap(&conn).await.unwrap();
     let deleted = d.prune(p.clone(), o).await.unwrap();
     assert_eq!(deleted, names(&["mid"]));
+    rec.wait_for(Deadline::step(), "SnapshotDeleted for mid", |sig| {
+        sig.member == "SnapshotDeleted"
+            && sig
+                .message
+                .body()
+                .deserialize::<zbus::OwnedObjectPath>()
+                .ok()
+                .as_ref()
+                == Some(&mid_path)
+    })
+    .await;
     // Without include-manual, manual snapshots are not candidates at all.
     assert!(d.prune(p, HashMap::new()).await.unwrap().is_empty());
     let tags: Vec<String> = qemu_img_snapshots(&a).into_iter().map(|(_, t)| t).collect();
