@@ -9,6 +9,7 @@ mod jobs;
 mod local;
 mod output;
 mod progress;
+mod retention;
 mod snapshot;
 
 use std::collections::HashMap;
@@ -206,6 +207,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             snapshot::redefine(&conn, &manager, json_mode, &domain, &xml, current).await?
         }
+        Command::Prune(a) => retention::prune(&conn, &manager, json_mode, a).await?,
+        Command::Protect { domain, snapshot } => {
+            retention::protect(&conn, &manager, json_mode, &domain, &snapshot, true).await?
+        }
+        Command::Unprotect { domain, snapshot } => {
+            retention::protect(&conn, &manager, json_mode, &domain, &snapshot, false).await?
+        }
+        Command::Schedule(a) => retention::schedule(&conn, &manager, json_mode, a).await?,
     }
     Ok(())
 }

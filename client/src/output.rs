@@ -191,6 +191,12 @@ impl Failure {
         self.code == 3
     }
 
+    /// The same failure with `context` put before its message (e.g. what was done before it).
+    pub fn context(mut self, context: &str) -> Failure {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
     /// Prints the failure and returns the exit code.
     pub fn report(self, json_mode: bool) -> ExitCode {
         if json_mode {
@@ -378,6 +384,15 @@ pub fn snapshot_info(v: &Value) -> String {
         size(v.get("size_on_disk").and_then(Value::as_u64).unwrap_or(0))
     ));
     out.push_str(&format!("\nObject:      {}", s("path")));
+    out.push_str(&format!(
+        "\nOrigin:      {}\nProtected:   {}",
+        s("origin"),
+        if v.get("protected").and_then(Value::as_bool).unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        }
+    ));
     let m = &v["memory"];
     out.push_str(&format!(
         "\nMemory:      {} {}",

@@ -54,6 +54,8 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         "status": s.status().await?,
         "children": children,
         "size_on_disk": s.size_on_disk().await?,
+        "origin": s.origin().await?,
+        "protected": s.protected().await?,
         "path": path.to_string(),
     }))
 }

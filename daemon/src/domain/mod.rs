@@ -5,5 +5,6 @@ pub mod actor;
 pub mod def;
 pub mod qemu_cmd;
 mod redefine;
+mod retention;
 mod revert;
 pub mod state;

@@ -11,6 +11,7 @@ mod harness_selftest;
 mod introspection;
 mod readme;
 mod redefine;
+mod retention;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
