@@ -12,6 +12,7 @@ pub mod dbus;
 pub mod domain;
 pub mod error;
 pub mod job;
+pub mod journal;
 pub mod logging;
 pub mod qmp;
 pub mod service;

@@ -102,6 +102,11 @@ pub trait Domain {
     ) -> Result<String, crate::Error>;
     /// Every snapshot's path, oldest first.
     fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
+    /// Verifies every snapshot against its images: (what, name, verdict, reason) rows.
+    fn check(
+        &self,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<Vec<(String, String, String, String)>, crate::Error>;
     /// The path of the snapshot with this name.
     fn find_snapshot(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
     /// The domain was reverted to a snapshot.

@@ -4,5 +4,6 @@
 pub mod actor;
 pub mod def;
 pub mod qemu_cmd;
+pub mod recover;
 mod revert;
 pub mod state;
