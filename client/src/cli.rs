@@ -17,7 +17,8 @@ EXIT CODES:
   8  unsupported
   9  invalid state (e.g. the domain is not running)
  10  timed out
- 11  cancelled";
+ 11  cancelled
+ 12  `vmsnap check` found a broken, mismatched or pending snapshot or an orphan file";
 
 /// Command-line client of vmsnapd, the QEMU snapshot manager.
 #[derive(Parser, Debug)]
@@ -53,6 +54,13 @@ pub enum Command {
   vmsnap create web1 --disk vda=internal --disk vdb=external:/vm/vdb.snap1.qcow2 --disk-only
   vmsnap create web1 --xml snapshot.xml                     # a libvirt <domainsnapshot> document")]
     Create(CreateArgs),
+    /// Verify every snapshot of a domain against its images (read-only); exit code 12 when
+    /// something is wrong.
+    #[command(after_help = "Example:\n  vmsnap check web1 --json")]
+    Check {
+        /// Domain name.
+        domain: String,
+    },
     /// List a domain's snapshots.
     #[command(after_help = "Example:\n  vmsnap list web1 --json")]
     List {
