@@ -100,6 +100,27 @@ pub fn step(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, ex
     crash_point(step);
 }
 
+/// Appends `value` to the array `key` of `op`'s payload, leaving its step as it is (for
+/// files an operation is about to create, or merges it is about to start).
+pub fn append(catalog: &std::sync::Mutex<Catalog>, op: OperationId, key: &str, value: Value) {
+    let mut cat = catalog.lock().expect("catalog lock poisoned");
+    let Some(rec) = cat
+        .pending_operations()
+        .ok()
+        .and_then(|ops| ops.into_iter().find(|o| o.id == op))
+    else {
+        return;
+    };
+    let mut payload = rec.payload;
+    match payload[key].as_array_mut() {
+        Some(list) => list.push(value),
+        None => payload[key] = Value::Array(vec![value]),
+    }
+    if let Err(e) = cat.set_operation_step(op, &rec.step, &payload) {
+        warn!(key, error = %e, "could not journal an operation's progress");
+    }
+}
+
 /// Test hook `crash-at=STEP`: aborts the process at `step`, leaving everything as a `kill -9`
 /// would (no destructors, no rollback).
 pub fn crash_point(step: &str) {

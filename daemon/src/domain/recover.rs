@@ -371,9 +371,11 @@ impl Actor {
             _ => {
                 let metadata_only = payload["metadata_only"].as_bool().unwrap_or(false);
                 self.resumed_merges = payload["merging"]
-                    .as_str()
-                    .map(PathBuf::from)
+                    .as_array()
                     .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .map(PathBuf::from)
                     .collect();
                 self.journal_resuming = true;
                 let r = self.delete_snapshot(id, metadata_only).await;

@@ -279,23 +279,8 @@ impl Actor {
 
     /// Adds `file` to the files the running operation creates, before it is created.
     fn journal_new_file(&self, file: &Path) {
-        let Some(op) = self.journal_op else { return };
-        let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
-        let Some(rec) = cat
-            .pending_operations()
-            .ok()
-            .and_then(|ops| ops.into_iter().find(|o| o.id == op))
-        else {
-            return;
-        };
-        let mut payload = rec.payload;
-        if let Some(files) = payload["files"].as_array_mut() {
-            files.push(json!(file));
-        } else {
-            payload["files"] = json!([file]);
-        }
-        if let Err(e) = cat.set_operation_step(op, &rec.step, &payload) {
-            tracing::warn!(error = %e, "could not journal a new file");
+        if let Some(op) = self.journal_op {
+            journal::append(&self.shared.catalog, op, "files", json!(file));
         }
     }
 
@@ -935,18 +920,19 @@ impl Actor {
             false => None,
         }
         .unwrap_or_else(|| d.format.clone());
+        if self.resumed_merges.contains(&overlay)
+            && node(&overlay).is_none()
+            && (node(&image).is_some() || !live)
+        {
+            // Recovery: the live merge an interrupted delete started has finished (recovery
+            // waited for its job); the overlay file may be removed already.
+            return Ok(Merge::Merged {
+                overlay,
+                image,
+                base_fmt,
+            });
+        }
         if deps == [overlay.clone()] {
-            if self.resumed_merges.contains(&overlay)
-                && node(&overlay).is_none()
-                && node(&image).is_some()
-            {
-                // Recovery: the live merge an interrupted delete started has finished.
-                return Ok(Merge::Merged {
-                    overlay,
-                    image,
-                    base_fmt,
-                });
-            }
             match (node(&overlay), node(&image)) {
                 (Some(top), Some(base)) => {
                     let device = self.top_node_of(&d.target).await?;
@@ -1147,7 +1133,9 @@ impl Actor {
                 image,
                 base_fmt,
             } => {
-                remove_quietly(&overlay);
+                if overlay.exists() {
+                    remove_quietly(&overlay);
+                }
                 Ok(Some((overlay, image, base_fmt)))
             }
             Merge::CommitOffline {
@@ -1187,10 +1175,10 @@ impl Actor {
                 if !active {
                     args["top-node"] = json!(top);
                 }
-                self.journal_step(
-                    journal::DELETE_MERGING,
-                    json!({"merging": overlay, "into": image}),
-                );
+                if let Some(op) = self.journal_op {
+                    journal::append(&self.shared.catalog, op, "merging", json!(overlay));
+                }
+                self.journal_step(journal::DELETE_MERGING, json!({}));
                 qmp.execute("block-commit", Some(args))
                     .await
                     .map_err(ServiceError::qemu(
