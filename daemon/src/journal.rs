@@ -132,3 +132,59 @@ pub fn crash_point(step: &str) {
         std::process::abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_unique_and_named_after_their_operation() {
+        let mut seen = std::collections::HashSet::new();
+        for step in STEPS {
+            assert!(seen.insert(step), "{step} is listed twice");
+            let (op, name) = step.split_once('.').expect("OPERATION.STEP");
+            assert!(matches!(op, "create" | "revert" | "delete"), "{step}");
+            assert!(
+                !name.is_empty() && !step.contains(',') && !step.contains(':'),
+                "{step} must fit in a test-hook entry"
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_merges_its_payload_and_an_append_grows_a_list() {
+        let cat = std::sync::Mutex::new(Catalog::open_in_memory().unwrap());
+        let domain = cat
+            .lock()
+            .unwrap()
+            .insert_domain(&crate::catalog::NewDomain {
+                name: "d".into(),
+                uuid: "u".into(),
+                kind: crate::catalog::DomainKind::Managed,
+                xml: "<domain/>".into(),
+                qmp_socket: None,
+            })
+            .unwrap();
+        let op = cat
+            .lock()
+            .unwrap()
+            .begin_operation(domain.id, KIND_DELETE, &serde_json::json!({"snapshot": 3}))
+            .unwrap();
+        step(
+            &cat,
+            op,
+            DELETE_STARTED,
+            serde_json::json!({"metadata_only": false}),
+        );
+        append(&cat, op, "merging", serde_json::json!("/a"));
+        append(&cat, op, "merging", serde_json::json!("/b"));
+        step(&cat, op, DELETE_MERGING, serde_json::json!({}));
+        let ops = cat.lock().unwrap().pending_operations().unwrap();
+        assert_eq!(ops.len(), 1);
+        assert_eq!(ops[0].step, DELETE_MERGING);
+        assert_eq!(
+            ops[0].payload,
+            serde_json::json!({"snapshot": 3, "metadata_only": false, "merging": ["/a", "/b"]})
+        );
+    }
+}
