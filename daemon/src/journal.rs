@@ -50,7 +50,8 @@ pub const REVERT_DEFINED: &str = "revert.defined";
 pub const DELETE_STARTED: &str = "delete.started";
 /// Delete: the internal tags are gone; merges not started.
 pub const DELETE_TAGS: &str = "delete.tags";
-/// Delete: a live merge (`block-commit` / `block-stream`) was started.
+/// Delete: a live merge (`block-commit` / `block-stream`) is started; its crash point is right
+/// after QEMU accepted the job, so that recovery finds the job running.
 pub const DELETE_MERGING: &str = "delete.merging";
 /// Delete: every merge is done, records not yet pointed at the merged files.
 pub const DELETE_MERGED: &str = "delete.merged";
@@ -81,6 +82,13 @@ pub const STEPS: &[&str] = &[
 /// `crash-at=STEP`. A journal write that fails is logged: the operation goes on, and recovery
 /// then works from the previous step, which every decision tolerates.
 pub fn step(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, extra: Value) {
+    record(catalog, op, step, extra);
+    crash_point(step);
+}
+
+/// Records that `op` reached `step` like [`step`], without its crash point (for a step whose
+/// crash point comes later, see [`DELETE_MERGING`]).
+pub fn record(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, extra: Value) {
     debug_assert!(STEPS.contains(&step), "unlisted journal step {step}");
     {
         let mut cat = catalog.lock().expect("catalog lock poisoned");
@@ -97,7 +105,6 @@ pub fn step(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, ex
             warn!(step, error = %e, "could not journal an operation step");
         }
     }
-    crash_point(step);
 }
 
 /// Appends `value` to the array `key` of `op`'s payload, leaving its step as it is (for

@@ -920,9 +920,13 @@ impl Actor {
             false => None,
         }
         .unwrap_or_else(|| d.format.clone());
+        let chain = match live && self.resumed_merges.contains(&overlay) {
+            true => self.chain_files(&d.target).await?,
+            false => Vec::new(),
+        };
         if self.resumed_merges.contains(&overlay)
-            && node(&overlay).is_none()
-            && (node(&image).is_some() || !live)
+            && !chain.contains(&overlay)
+            && (chain.contains(&image) || !live)
         {
             // Recovery: the live merge an interrupted delete started has finished (recovery
             // waited for its job); the overlay file may be removed already.
@@ -1099,6 +1103,32 @@ impl Actor {
         }
     }
 
+    /// The files of the running guest's chain for disk `target`, top first.
+    async fn chain_files(&self, target: &str) -> ServiceResult<Vec<PathBuf>> {
+        let qmp = self.qmp()?;
+        let blocks = qmp
+            .query_block()
+            .await
+            .map_err(ServiceError::qemu("cannot list the guest's disks"))?;
+        let mut out = Vec::new();
+        let top = blocks
+            .into_iter()
+            .find(|b| {
+                b.qdev
+                    .as_deref()
+                    .and_then(crate::service::qdev_target)
+                    .as_deref()
+                    == Some(target)
+            })
+            .and_then(|b| b.inserted.map(|i| i.image));
+        let mut image = top.as_ref();
+        while let Some(i) = image {
+            out.push(PathBuf::from(&i.filename));
+            image = i.backing_image.as_deref();
+        }
+        Ok(out)
+    }
+
     async fn top_node_of(&self, target: &str) -> ServiceResult<String> {
         let qmp = self.qmp()?;
         let blocks = qmp
@@ -1133,6 +1163,17 @@ impl Actor {
                 image,
                 base_fmt,
             } => {
+                // The merged overlay left the chain; close its node if the monitor holds it.
+                if let (Some(qmp), true) = (self.qmp.clone(), self.state().is_active())
+                    && let Ok(nodes) = qmp.query_named_block_nodes().await
+                {
+                    for n in nodes
+                        .iter()
+                        .filter(|n| n.drv != "file" && Path::new(&n.file) == overlay)
+                    {
+                        let _ = qmp.blockdev_del(&n.node_name).await;
+                    }
+                }
                 if overlay.exists() {
                     remove_quietly(&overlay);
                 }
@@ -1177,13 +1218,14 @@ impl Actor {
                 }
                 if let Some(op) = self.journal_op {
                     journal::append(&self.shared.catalog, op, "merging", json!(overlay));
+                    journal::record(&self.shared.catalog, op, journal::DELETE_MERGING, json!({}));
                 }
-                self.journal_step(journal::DELETE_MERGING, json!({}));
                 qmp.execute("block-commit", Some(args))
                     .await
                     .map_err(ServiceError::qemu(
                         "cannot start merging the snapshot's data",
                     ))?;
+                journal::crash_point(journal::DELETE_MERGING);
                 if let Some(j) = &self.progress {
                     j.set_phase("merge");
                 }
@@ -1207,7 +1249,14 @@ impl Actor {
                     for (n, top) in live.iter().enumerate() {
                         let job_id = format!("vmsnap-stream-{}-{n}", rec.id.0);
                         let mut events = qmp.subscribe();
-                        self.journal_step(journal::DELETE_MERGING, json!({"streaming": image}));
+                        if let Some(op) = self.journal_op {
+                            journal::record(
+                                &self.shared.catalog,
+                                op,
+                                journal::DELETE_MERGING,
+                                json!({"streaming": image}),
+                            );
+                        }
                         qmp.execute(
                             "block-stream",
                             Some(json!({"job-id": job_id, "device": top, "base-node": base})),
@@ -1216,6 +1265,7 @@ impl Actor {
                         .map_err(ServiceError::qemu(
                             "cannot start copying the snapshot's data into a branch",
                         ))?;
+                        journal::crash_point(journal::DELETE_MERGING);
                         self.wait_block_job(
                             &qmp,
                             &mut events,
