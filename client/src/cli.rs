@@ -27,6 +27,7 @@ EXIT CODES:
   9  invalid state (e.g. the domain is not running)
  10  timed out
  11  cancelled
+ 12  `vmsnap check` found a broken, mismatched or pending snapshot or an orphan file
 
 With --json, results are one JSON document on stdout and errors one JSON object
 {\"error\": NAME, \"message\": TEXT} on stderr.";
@@ -69,6 +70,13 @@ pub enum Command {
   vmsnap create web1 --disk vda=internal --disk vdb=external:/vm/vdb.snap1.qcow2 --disk-only
   vmsnap create web1 --xml snapshot.xml                     # a libvirt <domainsnapshot> document")]
     Create(CreateArgs),
+    /// Verify every snapshot of a domain against its images (read-only); exit code 12 when
+    /// something is wrong.
+    #[command(after_help = "Example:\n  vmsnap check web1 --json")]
+    Check {
+        /// Domain name.
+        domain: String,
+    },
     /// List a domain's snapshots: a table, or a tree with --tree.
     #[command(after_help = "Examples:
   vmsnap list web1                     # NAME CREATED STATE KIND C DESCRIPTION (C: * = current)

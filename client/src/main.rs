@@ -141,6 +141,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             snapshot::list_view(&conn, &manager, json_mode, &domain, view).await?
         }
+        Command::Check { domain } => {
+            let d = domain_proxy(&conn, &manager, &domain).await?;
+            let rows: Vec<Value> = d
+                .check(Opts::new())
+                .await?
+                .into_iter()
+                .map(|(what, name, verdict, reason)| {
+                    json!({"what": what, "name": name, "verdict": verdict, "reason": reason})
+                })
+                .collect();
+            let problems = rows.iter().filter(|r| r["verdict"] != "ok").count();
+            output::emit(json_mode, &Value::Array(rows.clone()), || {
+                output::check_table(&rows)
+            });
+            if problems > 0 {
+                return Err(Failure::check_failed(&domain, problems));
+            }
+        }
         Command::Info { domain, snapshot } => {
             snapshot::info(&conn, &manager, json_mode, &domain, &snapshot).await?
         }

@@ -197,6 +197,15 @@ impl Failure {
         self
     }
 
+    /// `vmsnap check` found `problems` rows that are not `ok` (exit code 12).
+    pub fn check_failed(domain: &str, problems: usize) -> Failure {
+        Failure {
+            name: "vmsnap.CheckFailed".into(),
+            message: format!("domain {domain:?}: {problems} problem(s) found"),
+            code: 12,
+        }
+    }
+
     /// Prints the failure and returns the exit code.
     pub fn report(self, json_mode: bool) -> ExitCode {
         if json_mode {
@@ -417,6 +426,24 @@ pub fn snapshot_info(v: &Value) -> String {
         }
     }
     out
+}
+
+/// The rows of `vmsnap check`: what, name, verdict, reason.
+pub fn check_table(rows: &[Value]) -> String {
+    let mut out = format!(
+        "{:<9} {:<24} {:<9} {}\n",
+        "WHAT", "NAME", "VERDICT", "REASON"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<9} {:<24} {:<9} {}\n",
+            r["what"].as_str().unwrap_or_default(),
+            r["name"].as_str().unwrap_or_default(),
+            r["verdict"].as_str().unwrap_or_default(),
+            r["reason"].as_str().unwrap_or_default(),
+        ));
+    }
+    out.trim_end().to_string()
 }
 
 #[cfg(test)]

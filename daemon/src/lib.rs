@@ -13,6 +13,7 @@ pub mod domain;
 pub mod error;
 pub mod fuzz;
 pub mod job;
+pub mod journal;
 pub mod logging;
 pub mod qmp;
 pub mod service;

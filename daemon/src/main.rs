@@ -49,6 +49,12 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    if vmsnapd::testhooks::enabled("list-crash-steps") {
+        for step in vmsnapd::journal::STEPS {
+            println!("{step}");
+        }
+        return Ok(());
+    }
     let args = Args::parse();
     vmsnapd::logging::init(&args.log_level);
     let bus = match (args.session, args.address) {

@@ -11,6 +11,10 @@
 //!   `after-disks` (offline); see `snapshot::create`. The entry may be given more than once.
 //! - `migrate-bandwidth=BYTES`: the bandwidth limit, in bytes per second, of writing external
 //!   VM state to a file, so that a test can make the save slow enough to cancel it.
+//! - `crash-at=STEP`: the daemon aborts (as `kill -9` would) right after journaling `STEP`,
+//!   one of `journal::STEPS`, so tests can prove crash recovery at every step.
+//! - `list-crash-steps`: `vmsnapd` prints `journal::STEPS`, one a line, and exits, so tests
+//!   iterate the daemon's own list.
 
 /// The environment variable holding the enabled hooks.
 pub const TEST_HOOKS_ENV: &str = "VMSNAPD_TEST_HOOKS";

@@ -112,6 +112,11 @@ pub trait Domain {
     ) -> Result<String, crate::Error>;
     /// Every snapshot's path, oldest first.
     fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
+    /// Verifies every snapshot against its images: (what, name, verdict, reason) rows.
+    fn check(
+        &self,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<Vec<(String, String, String, String)>, crate::Error>;
     /// The path of the snapshot with this name.
     fn find_snapshot(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
     /// Deletes what a retention policy does not keep (empty policy: the stored one); returns

@@ -253,6 +253,35 @@ impl Daemon {
         self.start_again();
     }
 
+    /// Replaces the test hooks (on top of [`BASE_HOOK`]) for the next start.
+    pub fn set_hooks(&mut self, hooks: &[&str]) {
+        assert!(
+            hooks.iter().all(|h| !h.contains(',')),
+            "a test hook cannot contain a comma: {hooks:?}"
+        );
+        self.hooks = hooks.iter().map(|h| h.to_string()).collect();
+    }
+
+    /// Waits until a daemon that is meant to die by itself (test hook `crash-at`) has exited
+    /// and returns how it ended. The guests it started, orphaned to this process, are noted
+    /// so that `Drop` reaps them.
+    pub fn wait_exited(&mut self, deadline: Deadline) -> ExitStatus {
+        let child = self.child.as_mut().expect("vmsnapd is not running");
+        let Some(status) = child.wait_until(deadline) else {
+            self.fail("vmsnapd did not exit in time");
+        };
+        self.child = None;
+        self.last_status = Some(status);
+        let needle = self.runtime_dir.to_string_lossy().into_owned();
+        for pid in process::descendants(std::process::id()) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                self.guests.insert(pid);
+            }
+        }
+        status
+    }
+
     /// Whether a daemon process is running.
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut().map(|c| c.try_wait()) {

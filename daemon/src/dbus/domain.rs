@@ -304,6 +304,23 @@ impl DomainIface {
         self.handle.monitor(command, hmp).await.map_err(wire_error)
     }
 
+    /// Verifies every snapshot against its images, read-only, as crash recovery does at
+    /// start: one row (what, name, verdict, reason) per snapshot, with verdict `ok`, `broken`
+    /// (a file or internal tag is missing), `mismatch` (format or backing chain differs from
+    /// the record) or `pending` (an operation on it has not finished), and one row per orphan
+    /// file (what `orphan`). No options are defined yet.
+    async fn check(
+        &self,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<Vec<(String, String, String, String)>, Error> {
+        Options::parse("Check", options, &[])?;
+        let rows = self.handle.check().await.map_err(wire_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.what, r.name, r.verdict, r.reason))
+            .collect())
+    }
+
     /// Every snapshot's object path, oldest first.
     async fn list_snapshots(&self) -> Vec<OwnedObjectPath> {
         let info = self.handle.info();

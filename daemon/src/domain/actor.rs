@@ -144,6 +144,9 @@ enum Request {
         protected: bool,
         reply: Reply<()>,
     },
+    Check {
+        reply: Reply<Vec<super::recover::CheckRow>>,
+    },
 }
 
 /// A cheap, cloneable reference to a domain's actor.
@@ -291,6 +294,12 @@ impl DomainHandle {
         .await
     }
 
+    /// Verifies every snapshot of the domain against its images, read-only (see
+    /// `domain::recover`).
+    pub async fn check(&self) -> ServiceResult<Vec<super::recover::CheckRow>> {
+        self.call(|reply| Request::Check { reply }).await
+    }
+
     /// Takes a snapshot as `req` asks; progress and cancellation go through `job`.
     pub async fn create_snapshot(
         &self,
@@ -425,6 +434,12 @@ pub(super) struct Actor {
     pub(super) progress: Option<Arc<Job>>,
     /// Whether the revert being carried out may replace a running guest's hardware.
     pub(super) revert_force: bool,
+    /// The journal row of the revert or delete being carried out, if any.
+    pub(super) journal_op: Option<crate::catalog::OperationId>,
+    /// Crash recovery: overlays whose live merge an interrupted delete had started.
+    pub(super) resumed_merges: Vec<PathBuf>,
+    /// Crash recovery runs an interrupted operation again: steps already done count as done.
+    pub(super) journal_resuming: bool,
 }
 
 enum Wake {
@@ -483,11 +498,16 @@ pub async fn spawn(
         pending_detach: Vec::new(),
         progress: None,
         revert_force: false,
+        journal_op: None,
+        resumed_merges: Vec::new(),
+        journal_resuming: false,
     };
     match connection {
         Some((qmp, events)) => actor.adopt(qmp, events).await,
         None => actor.reattach().await,
     }
+    // Before the actor serves anything (and so before READY=1 at start-up).
+    actor.reconcile().await;
     tokio::spawn(actor.run());
     DomainHandle {
         id,
@@ -781,6 +801,10 @@ impl Actor {
                 reply,
             } => {
                 let r = self.monitor(&command, hmp).await;
+                let _ = reply.send(r);
+            }
+            Request::Check { reply } => {
+                let r = self.check().await;
                 let _ = reply.send(r);
             }
             Request::CreateSnapshot {

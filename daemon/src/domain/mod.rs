@@ -6,5 +6,6 @@ pub mod def;
 pub mod qemu_cmd;
 mod redefine;
 mod retention;
+pub mod recover;
 mod revert;
 pub mod state;

@@ -31,6 +31,7 @@ use super::def::DomainDef;
 use super::state::{GuestEvent, GuestState};
 use crate::catalog::{DomainKind, SnapshotId, SnapshotRecord};
 use crate::error::{ServiceError, ServiceResult};
+use crate::journal;
 use crate::qmp::Qmp;
 use crate::snapshot::create::wait_job_concluded;
 use crate::snapshot::record::{self, DiskRecord};
@@ -233,23 +234,58 @@ impl Actor {
         id: SnapshotId,
         running: Option<bool>,
     ) -> ServiceResult<()> {
-        let op = self.journal("revert", id)?;
+        let op = self.journal(journal::KIND_REVERT, id)?;
+        self.journal_step(journal::REVERT_STARTED, json!({"running": running}));
         let r = self.revert_inner(id, running).await;
         self.journal_done(op);
         r
     }
 
-    /// Records a multi-step operation in the catalog's journal before it starts.
-    fn journal(&self, kind: &str, id: SnapshotId) -> ServiceResult<crate::catalog::OperationId> {
-        Ok(self
+    /// Records a multi-step operation in the catalog's journal before it starts, with what
+    /// recovery needs to put things back: the definition, the run state and the current
+    /// snapshot as they are now.
+    fn journal(
+        &mut self,
+        kind: &str,
+        id: SnapshotId,
+    ) -> ServiceResult<crate::catalog::OperationId> {
+        let info = self.info.borrow().clone();
+        let op = self
             .shared
             .catalog
             .lock()
             .expect("catalog lock poisoned")
-            .begin_operation(self.id(), kind, &json!({"snapshot": id.0}))?)
+            .begin_operation(
+                self.id(),
+                kind,
+                &json!({
+                    "snapshot": id.0,
+                    "old_def": info.def.to_xml(),
+                    "old_state": info.state.as_str(),
+                    "old_current": info.current_snapshot.map(|s| s.0),
+                    "files": [],
+                }),
+            )?;
+        self.journal_op = Some(op);
+        Ok(op)
     }
 
-    fn journal_done(&self, op: crate::catalog::OperationId) {
+    /// Journals that the running revert or delete reached `step` (see [`journal::step`]).
+    pub(super) fn journal_step(&self, step: &str, extra: serde_json::Value) {
+        if let Some(op) = self.journal_op {
+            journal::step(&self.shared.catalog, op, step, extra);
+        }
+    }
+
+    /// Adds `file` to the files the running operation creates, before it is created.
+    fn journal_new_file(&self, file: &Path) {
+        if let Some(op) = self.journal_op {
+            journal::append(&self.shared.catalog, op, "files", json!(file));
+        }
+    }
+
+    fn journal_done(&mut self, op: crate::catalog::OperationId) {
+        self.journal_op = None;
         if let Err(e) = self
             .shared
             .catalog
@@ -263,6 +299,7 @@ impl Actor {
 
     async fn revert_inner(&mut self, id: SnapshotId, running: Option<bool>) -> ServiceResult<()> {
         let rec = self.snapshot_record(id)?;
+        self.refuse_broken(&rec)?;
         let name = self.name();
         if self.kind() == DomainKind::Attached {
             return Err(ServiceError::Unsupported(format!(
@@ -316,14 +353,23 @@ impl Actor {
         if with_state && self.state().is_active() && current_def == snap_def {
             // In place: no new QEMU.
             let qmp = self.qmp()?.clone();
-            if self.state() == GuestState::Running {
+            let was_running = self.state() == GuestState::Running;
+            if was_running {
                 qmp.stop()
                     .await
                     .map_err(ServiceError::qemu("cannot pause the guest"))?;
                 self.apply(GuestEvent::Stopped);
             }
+            self.journal_step(
+                journal::REVERT_PAUSED,
+                json!({"path": "in-place", "paused_by_us": was_running}),
+            );
             self.load_internal(&qmp, &rec, &disks, mem.vmstate_disk.as_deref())
                 .await?;
+            self.journal_step(
+                journal::REVERT_LOADED,
+                json!({"end_running": end_running != Some(false)}),
+            );
             if end_running != Some(false) {
                 qmp.cont()
                     .await
@@ -335,6 +381,10 @@ impl Actor {
             if self.state().is_active() {
                 self.destroy().await?;
             }
+            self.journal_step(
+                journal::REVERT_DESTROYED,
+                json!({"path": "internal-images", "def": snap_def.to_xml()}),
+            );
             for d in &disks {
                 qemu_img(&[
                     "snapshot".as_ref(),
@@ -346,11 +396,16 @@ impl Actor {
             }
             self.persist_def(&snap_def)?;
             self.info.send_modify(|i| i.def = snap_def.clone());
+            self.journal_step(journal::REVERT_DEFINED, json!({}));
             if with_state {
                 self.start(true).await?;
                 let qmp = self.qmp()?.clone();
                 self.load_internal(&qmp, &rec, &disks, mem.vmstate_disk.as_deref())
                     .await?;
+                self.journal_step(
+                    journal::REVERT_LOADED,
+                    json!({"end_running": end_running != Some(false)}),
+                );
                 if end_running != Some(false) {
                     qmp.cont()
                         .await
@@ -520,6 +575,7 @@ impl Actor {
         if self.state().is_active() {
             self.destroy().await?;
         }
+        self.journal_step(journal::REVERT_DESTROYED, json!({"path": "branch"}));
         let mut created: Vec<PathBuf> = Vec::new();
         let result = self
             .branch_steps(rec, snap_def, disks, &mem, end_running, &mut created)
@@ -570,6 +626,7 @@ impl Actor {
                 "external" => {
                     let base = d.data_file().clone();
                     let overlay = fresh_overlay_path(&base, &rec.name)?;
+                    self.journal_new_file(&overlay);
                     drop(crate::snapshot::create::create_exclusive(&overlay)?);
                     created.push(overlay.clone());
                     let fmt = if d.format.is_empty() {
@@ -598,6 +655,7 @@ impl Actor {
                         // The image is the backing file of later overlays: writing to it would
                         // corrupt them. Revert a private copy (internal snapshots included).
                         let copy = fresh_overlay_path(&d.image, &rec.name)?;
+                        self.journal_new_file(&copy);
                         copy_sparse(&d.image, &copy).await?;
                         created.push(copy.clone());
                         disk.source = copy.clone();
@@ -620,7 +678,9 @@ impl Actor {
                 }
             }
         }
+        self.journal_step(journal::REVERT_FILES, json!({}));
         self.persist_def(&def)?;
+        self.journal_step(journal::REVERT_DEFINED, json!({"def": def.to_xml()}));
         self.info.send_modify(|i| i.def = def);
         match mem.mode.as_str() {
             "external" => {
@@ -631,6 +691,10 @@ impl Actor {
                 self.start_with(true, true).await?;
                 let qmp = self.qmp()?.clone();
                 load_incoming(&qmp, &file).await?;
+                self.journal_step(
+                    journal::REVERT_LOADED,
+                    json!({"end_running": end_running != Some(false)}),
+                );
                 if end_running != Some(false) {
                     qmp.cont()
                         .await
@@ -643,6 +707,10 @@ impl Actor {
                 let qmp = self.qmp()?.clone();
                 self.load_internal(&qmp, rec, &internal_images, mem.vmstate_disk.as_deref())
                     .await?;
+                self.journal_step(
+                    journal::REVERT_LOADED,
+                    json!({"end_running": end_running != Some(false)}),
+                );
                 if end_running != Some(false) {
                     qmp.cont()
                         .await
@@ -654,6 +722,7 @@ impl Actor {
                 if let Some(r) = end_running {
                     self.start(!r).await?;
                 }
+                self.journal_step(journal::REVERT_LOADED, json!({"end_running": false}));
             }
         }
         Ok(())
@@ -664,7 +733,17 @@ impl Actor {
         id: SnapshotId,
         metadata_only: bool,
     ) -> ServiceResult<()> {
-        let op = self.journal("delete-snapshot", id)?;
+        let op = self.journal(journal::KIND_DELETE, id)?;
+        let memory_file = self
+            .snapshot_record(id)
+            .ok()
+            .map(|r| record::memory(&r))
+            .filter(|m| m.mode == "external" && !metadata_only)
+            .and_then(|m| m.file);
+        self.journal_step(
+            journal::DELETE_STARTED,
+            json!({"metadata_only": metadata_only, "memory_file": memory_file}),
+        );
         let r = self.delete_inner(id, metadata_only).await;
         self.journal_done(op);
         r
@@ -688,17 +767,22 @@ impl Actor {
             for d in disks.iter().filter(|d| d.mode == "internal") {
                 self.delete_internal_tag(&rec, d).await?;
             }
+            self.journal_step(journal::DELETE_TAGS, json!({}));
             for m in merges {
                 if let Some(mv) = self.run_merge(&rec, m).await? {
                     moved.push(mv);
                 }
             }
+            self.journal_step(journal::DELETE_MERGED, json!({}));
         }
         if !moved.is_empty() {
             self.retarget_records(id, &moved)?;
         }
         let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         cat.delete_snapshot(id)?;
+        drop(cat);
+        self.journal_step(journal::DELETE_UNCATALOGED, json!({}));
+        let cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         let current = cat.domain(self.id())?.current_snapshot;
         let mut snaps = cat.snapshots(self.id())?;
         drop(cat);
@@ -717,6 +801,27 @@ impl Actor {
     }
 
     async fn delete_internal_tag(&self, rec: &SnapshotRecord, d: &DiskRecord) -> ServiceResult<()> {
+        if !self.resumed_merges.is_empty() || self.journal_resuming {
+            // Recovery runs an interrupted delete again: a tag already removed is done.
+            let tags = qemu_img(&[
+                "info".as_ref(),
+                "-U".as_ref(),
+                "--output=json".as_ref(),
+                d.image.as_os_str(),
+            ])
+            .await
+            .ok()
+            .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+            .unwrap_or_default();
+            let has = tags["snapshots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["name"].as_str() == Some(rec.name.as_str()));
+            if !has {
+                return Ok(());
+            }
+        }
         let in_use = match (&self.qmp, self.state().is_active()) {
             (Some(q), true) => node_of_file(q, &d.image).await.ok(),
             _ => None,
@@ -815,6 +920,22 @@ impl Actor {
             false => None,
         }
         .unwrap_or_else(|| d.format.clone());
+        let chain = match live && self.resumed_merges.contains(&overlay) {
+            true => self.chain_files(&d.target).await?,
+            false => Vec::new(),
+        };
+        if self.resumed_merges.contains(&overlay)
+            && !chain.contains(&overlay)
+            && (chain.contains(&image) || !live)
+        {
+            // Recovery: the live merge an interrupted delete started has finished (recovery
+            // waited for its job); the overlay file may be removed already.
+            return Ok(Merge::Merged {
+                overlay,
+                image,
+                base_fmt,
+            });
+        }
         if deps == [overlay.clone()] {
             match (node(&overlay), node(&image)) {
                 (Some(top), Some(base)) => {
@@ -982,6 +1103,32 @@ impl Actor {
         }
     }
 
+    /// The files of the running guest's chain for disk `target`, top first.
+    async fn chain_files(&self, target: &str) -> ServiceResult<Vec<PathBuf>> {
+        let qmp = self.qmp()?;
+        let blocks = qmp
+            .query_block()
+            .await
+            .map_err(ServiceError::qemu("cannot list the guest's disks"))?;
+        let mut out = Vec::new();
+        let top = blocks
+            .into_iter()
+            .find(|b| {
+                b.qdev
+                    .as_deref()
+                    .and_then(crate::service::qdev_target)
+                    .as_deref()
+                    == Some(target)
+            })
+            .and_then(|b| b.inserted.map(|i| i.image));
+        let mut image = top.as_ref();
+        while let Some(i) = image {
+            out.push(PathBuf::from(&i.filename));
+            image = i.backing_image.as_deref();
+        }
+        Ok(out)
+    }
+
     async fn top_node_of(&self, target: &str) -> ServiceResult<String> {
         let qmp = self.qmp()?;
         let blocks = qmp
@@ -1011,6 +1158,27 @@ impl Actor {
     ) -> ServiceResult<Option<(PathBuf, PathBuf, String)>> {
         match m {
             Merge::Keep => Ok(None),
+            Merge::Merged {
+                overlay,
+                image,
+                base_fmt,
+            } => {
+                // The merged overlay left the chain; close its node if the monitor holds it.
+                if let (Some(qmp), true) = (self.qmp.clone(), self.state().is_active())
+                    && let Ok(nodes) = qmp.query_named_block_nodes().await
+                {
+                    for n in nodes
+                        .iter()
+                        .filter(|n| n.drv != "file" && Path::new(&n.file) == overlay)
+                    {
+                        let _ = qmp.blockdev_del(&n.node_name).await;
+                    }
+                }
+                if overlay.exists() {
+                    remove_quietly(&overlay);
+                }
+                Ok(Some((overlay, image, base_fmt)))
+            }
             Merge::CommitOffline {
                 overlay,
                 image,
@@ -1048,11 +1216,16 @@ impl Actor {
                 if !active {
                     args["top-node"] = json!(top);
                 }
+                if let Some(op) = self.journal_op {
+                    journal::append(&self.shared.catalog, op, "merging", json!(overlay));
+                    journal::record(&self.shared.catalog, op, journal::DELETE_MERGING, json!({}));
+                }
                 qmp.execute("block-commit", Some(args))
                     .await
                     .map_err(ServiceError::qemu(
                         "cannot start merging the snapshot's data",
                     ))?;
+                journal::crash_point(journal::DELETE_MERGING);
                 if let Some(j) = &self.progress {
                     j.set_phase("merge");
                 }
@@ -1076,6 +1249,14 @@ impl Actor {
                     for (n, top) in live.iter().enumerate() {
                         let job_id = format!("vmsnap-stream-{}-{n}", rec.id.0);
                         let mut events = qmp.subscribe();
+                        if let Some(op) = self.journal_op {
+                            journal::record(
+                                &self.shared.catalog,
+                                op,
+                                journal::DELETE_MERGING,
+                                json!({"streaming": image}),
+                            );
+                        }
                         qmp.execute(
                             "block-stream",
                             Some(json!({"job-id": job_id, "device": top, "base-node": base})),
@@ -1084,6 +1265,7 @@ impl Actor {
                         .map_err(ServiceError::qemu(
                             "cannot start copying the snapshot's data into a branch",
                         ))?;
+                        journal::crash_point(journal::DELETE_MERGING);
                         self.wait_block_job(
                             &qmp,
                             &mut events,
@@ -1155,6 +1337,13 @@ impl Actor {
 enum Merge {
     /// Nothing to merge: the image stays (other snapshots or branches need it as it is).
     Keep,
+    /// Recovery: a live commit of `overlay` into `image` finished before the daemon stopped;
+    /// only the overlay file is left to remove.
+    Merged {
+        overlay: PathBuf,
+        image: PathBuf,
+        base_fmt: String,
+    },
     /// The overlay is the image's only dependent and QEMU has neither open: `qemu-img commit`.
     CommitOffline {
         overlay: PathBuf,

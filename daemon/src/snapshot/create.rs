@@ -352,8 +352,14 @@ async fn run(
         .expect("catalog lock poisoned")
         .begin_operation(
             domain,
-            "create-snapshot",
-            &json!({"name": plan.name, "files": files}),
+            crate::journal::KIND_CREATE,
+            &json!({
+                "name": plan.name,
+                "files": files,
+                "running": target.running,
+                "live": live,
+                "def_after": plan.def_after.to_xml(),
+            }),
         )?;
     undo.operation = Some(op);
     let rec = catalog
@@ -374,9 +380,16 @@ async fn run(
             protected: false,
         })?;
     undo.record = Some(rec.id);
+    crate::journal::step(
+        catalog,
+        op,
+        crate::journal::CREATE_RECORDED,
+        json!({"snapshot": rec.id.0}),
+    );
+    let step = |name: &str| crate::journal::step(catalog, op, name, json!({}));
     match target.qmp {
-        Some(qmp) => live_steps(qmp, plan, target.running, job, rec.id, &tops, undo).await?,
-        None => offline_steps(plan, job, undo).await?,
+        Some(qmp) => live_steps(qmp, plan, target.running, job, rec.id, &tops, undo, &step).await?,
+        None => offline_steps(plan, job, undo, &step).await?,
     }
     job.set_phase("commit");
     job.set_cancelable(false);
@@ -424,7 +437,12 @@ async fn offline_snapshot_tags(image: &Path) -> ServiceResult<Vec<String>> {
         .unwrap_or_default())
 }
 
-async fn offline_steps(plan: &Plan, job: &Job, undo: &mut Undo) -> ServiceResult<()> {
+async fn offline_steps(
+    plan: &Plan,
+    job: &Job,
+    undo: &mut Undo,
+    step: &(dyn Fn(&str) + Sync),
+) -> ServiceResult<()> {
     job.set_phase("disks");
     let total = plan
         .disks
@@ -488,9 +506,11 @@ async fn offline_steps(plan: &Plan, job: &Job, undo: &mut Undo) -> ServiceResult
         done += 1;
         job.set_progress(done as f64 / total as f64);
     }
+    step(crate::journal::CREATE_DISKS);
     fail_point(plan, STEP_AFTER_DISKS)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn live_steps(
     qmp: &Qmp,
     plan: &Plan,
@@ -499,6 +519,7 @@ async fn live_steps(
     snapshot: SnapshotId,
     tops: &std::collections::HashMap<String, TopNode>,
     undo: &mut Undo,
+    step: &(dyn Fn(&str) + Sync),
 ) -> ServiceResult<()> {
     if plan.disks.iter().any(|d| d.snapshot_file.is_some()) {
         return Err(ServiceError::Unsupported(
@@ -560,6 +581,7 @@ async fn live_steps(
             json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}),
         );
     }
+    step(crate::journal::CREATE_OVERLAYS);
     fail_point(plan, STEP_AFTER_OVERLAYS)?;
     let internal: Vec<&super::plan::DiskPlan> = plan
         .disks
@@ -576,6 +598,7 @@ async fn live_steps(
             }
             job.set_phase("disks");
             transaction(qmp, actions, plan, &internal, undo, tops).await?;
+            step(crate::journal::CREATE_SWITCHED);
             fail_point(plan, STEP_AFTER_TRANSACTION)?;
         }
         MemoryMode::Internal => {
@@ -600,9 +623,11 @@ async fn live_steps(
                     .iter()
                     .map(|d| (tops[&d.target].node.clone(), plan.name.clone())),
             );
+            step(crate::journal::CREATE_MEMORY);
             fail_point(plan, STEP_AFTER_MEMORY)?;
             job.set_phase("disks");
             transaction(qmp, actions, plan, &[], undo, tops).await?;
+            step(crate::journal::CREATE_SWITCHED);
             fail_point(plan, STEP_AFTER_TRANSACTION)?;
         }
         MemoryMode::External => {
@@ -629,6 +654,7 @@ async fn live_steps(
             let saved = begin_external_save(qmp, &f, job).await;
             if saved.is_ok() {
                 undo.at_switchover = true;
+                step(crate::journal::CREATE_MEMORY);
             }
             let saved = saved.and_then(|()| fail_point(plan, STEP_AFTER_MEMORY));
             if let Err(e) = saved {
@@ -640,6 +666,7 @@ async fn live_steps(
             job.set_phase("disks");
             let switched = transaction(qmp, actions, plan, &internal, undo, tops)
                 .await
+                .inspect(|()| step(crate::journal::CREATE_SWITCHED))
                 .and_then(|()| fail_point(plan, STEP_AFTER_TRANSACTION));
             if let Err(e) = switched {
                 let _ = qmp.execute("migrate_cancel", None).await;

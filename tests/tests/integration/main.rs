@@ -12,6 +12,7 @@ mod introspection;
 mod readme;
 mod redefine;
 mod retention;
+mod recovery;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;

@@ -40,6 +40,14 @@ impl<'a> Dom<'a> {
         }
     }
 
+    /// A handle on domain `name`, already defined.
+    pub(crate) fn handle(env: &'a TestEnv, name: &str) -> Dom<'a> {
+        Dom {
+            env,
+            name: name.to_string(),
+        }
+    }
+
     pub(crate) fn vmsnap(&self, args: &[&str]) -> String {
         self.env.client.ok(args.iter().copied())
     }
