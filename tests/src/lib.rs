@@ -17,6 +17,7 @@ pub mod deadline;
 pub mod env;
 pub mod guest;
 pub mod images;
+pub mod install;
 pub mod process;
 
 pub use bus::{EventRecorder, PropertiesChanged, Signal, TestBus, connect, policy_file};

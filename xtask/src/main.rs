@@ -7,6 +7,9 @@
 //!   stopped and removed at the end, on failure too (the test harness's guards do it).
 //! - `bench [--smoke]`: release build, then vmsnap (D-Bus and client) against the raw QMP
 //!   floor and catalog scale; writes `BENCHMARKS.md` (see [`bench`]).
+//! - `install [--destdir DIR] [--prefix /usr] [--debug]`: release build (or the debug build
+//!   with `--debug`), then the binaries and the `systemd/` files laid out under `DIR/PREFIX`
+//!   (see `vmsnap_tests::install`, which the systemd tests install through as well).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -20,7 +23,9 @@ use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
 const USAGE: &str = "usage: cargo xtask <ci|demo|bench>
   ci               fmt check, clippy, build, tests (what CI runs)
   demo             build and run vmsnapd with a small guest on a private bus
-  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md";
+  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md
+  install [--destdir DIR] [--prefix /usr] [--debug]
+                   build, then install binaries, units, D-Bus and polkit files";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,6 +37,7 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("bench") => bench::bench(&root(), &cargo(), rest),
         Some("bench-run") => bench::bench_run(&root(), rest),
+        Some("install") => install(rest),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -121,6 +127,47 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask install`: builds, then installs through the layout the systemd tests use.
+fn install(args: &[String]) -> Result<()> {
+    let mut destdir = PathBuf::from("/");
+    let mut prefix = PathBuf::from("/usr");
+    let mut debug = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--destdir" => destdir = it.next().context("--destdir needs a folder")?.into(),
+            "--prefix" => prefix = it.next().context("--prefix needs a folder")?.into(),
+            "--debug" => debug = true,
+            other => bail!("unknown install option {other:?}\n{USAGE}"),
+        }
+    }
+    if !prefix.is_absolute() {
+        bail!("--prefix must be absolute, not {}", prefix.display());
+    }
+    let mut build = vec!["build", "--locked", "-p", "vmsnapd", "-p", "vmsnap"];
+    if !debug {
+        build.push("--release");
+    }
+    step(&cargo(), &build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let plan = vmsnap_tests::install::InstallPlan {
+        bin_dir: target.join(if debug { "debug" } else { "release" }),
+        destdir,
+        prefix,
+    };
+    for path in vmsnap_tests::install::install(&plan).context("install failed")? {
+        println!("installed {}", path.display());
+    }
+    if plan.destdir == Path::new("/") {
+        println!(
+            "==> now: systemctl daemon-reload && systemctl reload dbus && systemctl enable --now vmsnapd"
+        );
+    }
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     install_deps()?;
     step(&cargo(), &["build", "--workspace", "--locked"])?;
@@ -136,7 +183,9 @@ fn demo() -> Result<()> {
 }
 
 fn run_demo() {
-    println!("==> starting a private system bus with systemd/dbus-1/system.d's policy and vmsnapd");
+    println!(
+        "==> starting a private system bus with systemd/share/dbus-1/system.d's policy and vmsnapd"
+    );
     let env = TestEnv::start();
     println!("bus:     {}", env.bus_address());
     println!(
