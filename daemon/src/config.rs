@@ -32,6 +32,32 @@ pub struct Config {
     pub bus: BusChoice,
     /// The `qemu-system-x86_64` binary to launch managed guests with.
     pub qemu_binary: PathBuf,
+    /// Whether guests run in transient systemd units (see `domain::launch`).
+    pub guest_units: GuestUnits,
+}
+
+/// Whether guests run in transient units or as children of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestUnits {
+    /// Use systemd when the daemon itself runs as a systemd service and the manager answers.
+    Auto,
+    /// Always use systemd; fail to start if it is not reachable.
+    Systemd,
+    /// Never use systemd: QEMU is a child in its own process group.
+    None,
+}
+
+impl std::str::FromStr for GuestUnits {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(GuestUnits::Auto),
+            "systemd" => Ok(GuestUnits::Systemd),
+            "none" => Ok(GuestUnits::None),
+            other => Err(format!("{other:?}: expected auto, systemd or none")),
+        }
+    }
 }
 
 impl Config {
@@ -42,6 +68,7 @@ impl Config {
             runtime_dir: PathBuf::from(DEFAULT_RUNTIME_DIR),
             bus: BusChoice::System,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            guest_units: GuestUnits::Auto,
         }
     }
 

@@ -56,9 +56,19 @@ impl Service {
         for s in catalog.all_snapshots()? {
             snapshots.entry(s.domain_id).or_default().insert(s.id, s);
         }
+        let launcher = crate::domain::launch::Launcher::detect(
+            config.guest_units,
+            config.bus == crate::config::BusChoice::Session,
+        )
+        .await
+        .map_err(|e| ServiceError::Io {
+            context: "cannot reach systemd to start guests in units".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let shared = Shared {
             config: Arc::new(config),
             catalog: Arc::new(Mutex::new(catalog)),
+            launcher,
         };
         let service = Arc::new(Service {
             shared,

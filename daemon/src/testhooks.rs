@@ -11,6 +11,11 @@
 //!   `after-disks` (offline); see `snapshot::create`. The entry may be given more than once.
 //! - `migrate-bandwidth=BYTES`: the bandwidth limit, in bytes per second, of writing external
 //!   VM state to a file, so that a test can make the save slow enough to cancel it.
+//! - `hang-main-loop-after=SECONDS`: the daemon's main loop blocks its thread for good that
+//!   long after `READY=1`, as a deadlock would; the watchdog pings stop, so tests can see
+//!   systemd restart the daemon.
+//! - `delay-ready=SECONDS`: the daemon waits that long after owning its bus name before it
+//!   sends `READY=1`, so tests can see the unit stay `activating` until then.
 
 /// The environment variable holding the enabled hooks.
 pub const TEST_HOOKS_ENV: &str = "VMSNAPD_TEST_HOOKS";

@@ -19,6 +19,7 @@ pub mod guest;
 pub mod images;
 pub mod install;
 pub mod process;
+pub mod systemd;
 
 pub use bus::{EventRecorder, PropertiesChanged, Signal, TestBus, connect, policy_file};
 pub use client::Client;

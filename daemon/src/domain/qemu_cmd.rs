@@ -56,14 +56,18 @@ pub enum Accel {
     Kvm,
     /// The TCG emulator (slow, always available).
     Tcg,
+    /// KVM if QEMU can open `/dev/kvm`, else TCG: for a QEMU whose device access the daemon
+    /// cannot test itself (one started in a systemd unit of its own).
+    KvmOrTcg,
 }
 
 impl Accel {
-    /// The spelling of `-machine …,accel=`: `kvm` or `tcg`.
+    /// The spelling of `-machine …,accel=`: `kvm`, `tcg` or `kvm:tcg` (tried in order).
     pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
+            Accel::KvmOrTcg => "kvm:tcg",
         }
     }
 }
