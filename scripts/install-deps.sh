@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the system packages that vmsnap's tests and demo need, on Debian 12 and alike:
 # QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon
-# and sqlite3. Quick and silent when everything is already there; non-interactive; as root it
+# and sqlite3; for the systemd tests, systemd itself (booted in a container, and
+# systemd-analyze), unshare/nsenter (util-linux), kill (procps) and the user bus of
+# systemd --user (dbus-user-session). Quick and silent when everything is already there; non-interactive; as root it
 # runs apt-get directly, otherwise through `sudo -n` when sudo exists.
 #
 # Order matters: installing qemu-system-x86 (7.2) removes a newer preinstalled qemu-utils, and
@@ -19,12 +21,17 @@ version_of() {
 # Prints why an install is needed and succeeds, or fails when nothing is missing.
 needs_install() {
     local tool
-    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3; do
+    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 systemd-analyze unshare \
+        nsenter kill; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             echo "install-deps: $tool is missing"
             return 0
         fi
     done
+    if [ ! -e /usr/lib/systemd/user/dbus.socket ]; then
+        echo "install-deps: dbus-user-session is missing"
+        return 0
+    fi
     local system img
     system=$(version_of qemu-system-x86_64)
     img=$(version_of qemu-img)
@@ -57,6 +64,7 @@ if needs_install; then
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
     apt "${install[@]}" dbus sqlite3
+    apt "${install[@]}" systemd util-linux procps dbus-user-session
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do

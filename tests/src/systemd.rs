@@ -210,12 +210,21 @@ impl Sandbox {
 
     /// [`Sandbox::exec`] with a deadline of its own.
     pub fn exec_until(&self, args: &[&str], deadline: Deadline) -> Output {
+        self.exec_as(None, args, deadline)
+    }
+
+    /// Runs `args` inside as user `uid` with group `gid` (root when `None`); the user's
+    /// environment (`HOME`, `XDG_RUNTIME_DIR`, ...) is for the caller to put in `args` as
+    /// `NAME=value` words before the command.
+    pub fn exec_as(&self, user: Option<(u32, u32)>, args: &[&str], deadline: Deadline) -> Output {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t").arg(self.pid1.to_string()).arg("-a");
+        if let Some((uid, gid)) = user {
+            cmd.arg(format!("--setuid={uid}"))
+                .arg(format!("--setgid={gid}"));
+        }
         process::run(
-            Command::new("nsenter")
-                .arg("-t")
-                .arg(self.pid1.to_string())
-                .arg("-a")
-                .arg("--")
+            cmd.arg("--")
                 .args([
                     "env",
                     "-i",
