@@ -350,11 +350,31 @@ fn vmsnapd_service_stop_and_restart_leave_guest_running_in_its_unit() {
     sb.exec_ok(&["systemctl", "start", DAEMON_UNIT]);
     counter_moves(&sb, "g1", c1);
 
+    // A running job shows in the status line: the counter guest ignores the power button,
+    // so a graceful shutdown stays pending until the guest is destroyed.
+    vmsnap(
+        &sb,
+        &["domain", "shutdown", "g1", "--timeout", "120", "--no-wait"],
+    );
+    poll_until(Deadline::step(), "the status line to name the job", || {
+        let s = sb.unit_property(DAEMON_UNIT, "StatusText");
+        (s.starts_with("1 domain(s), 1 running, 1 job(s): shutdown ") && s.contains(" of g1 ("))
+            .then_some(())
+    });
+
     // Destroying the guest ends its unit, which systemd then forgets.
     vmsnap(&sb, &["domain", "destroy", "g1"]);
     poll_until(Deadline::step(), "the guest unit to be collected", || {
         (sb.unit_property(guest_unit, "LoadState") == "not-found").then_some(())
     });
+    poll_until(
+        Deadline::step(),
+        "the status line without guest or job",
+        || {
+            let s = sb.unit_property(DAEMON_UNIT, "StatusText");
+            (s == "1 domain(s), 0 running, 0 job(s)").then_some(())
+        },
+    );
 }
 
 /// The desktop user of the session test, created in the container.
