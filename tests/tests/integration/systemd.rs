@@ -306,6 +306,8 @@ fn vmsnapd_service_stop_and_restart_leave_guest_running_in_its_unit() {
     let xml_path = format!("{IMAGES}/g1.xml");
     std::fs::write(sb.path(&xml_path), xml).unwrap();
     vmsnap(&sb, &["domain", "define", &xml_path]);
+    // The daemon's sandbox lets it do its work: qemu-img for an offline snapshot.
+    vmsnap(&sb, &["create", "g1", "--name", "off1", "--disk-only"]);
     vmsnap(&sb, &["domain", "start", "g1"]);
     let guest_unit = "vmsnap-guest-1.service";
     assert_eq!(sb.unit_property(guest_unit, "ActiveState"), "active");
@@ -333,6 +335,36 @@ fn vmsnapd_service_stop_and_restart_leave_guest_running_in_its_unit() {
         },
     );
     assert!(status.contains("0 job(s)"), "{status}");
+
+    // Live snapshots (an overlay the daemon creates, an internal checkpoint), and a delete
+    // that merges the overlay back with block-commit.
+    vmsnap(&sb, &["create", "g1", "--name", "live1", "--disk-only"]);
+    vmsnap(&sb, &["create", "g1", "--name", "cp1"]);
+    vmsnap(&sb, &["delete", "g1", "live1"]);
+    // VM state written by QEMU to a file the daemon opened and passed over QMP.
+    let mem = format!("{IMAGES}/g1.ext1.mem");
+    vmsnap(
+        &sb,
+        &[
+            "create",
+            "g1",
+            "--name",
+            "ext1",
+            "--memory",
+            "external",
+            "--memory-file",
+            &mem,
+        ],
+    );
+    assert!(std::fs::metadata(sb.path(&mem)).unwrap().len() > 0);
+    let list = vmsnap(&sb, &["--json", "list", "g1"]);
+    assert!(
+        list.contains("\"off1\"")
+            && list.contains("\"cp1\"")
+            && list.contains("\"ext1\"")
+            && !list.contains("\"live1\""),
+        "{list}"
+    );
 
     // A restart re-attaches the running guest.
     sb.exec_ok(&["systemctl", "restart", DAEMON_UNIT]);
