@@ -74,11 +74,16 @@ pub enum Launcher {
     Systemd(Manager),
 }
 
-/// Whether this process runs as a systemd service on a system booted with systemd:
-/// `/run/systemd/system` exists (what `sd_booted()` checks) and the manager gave the
-/// process an invocation id.
+/// Whether this process is the main process of a systemd service on a system booted with
+/// systemd: `/run/systemd/system` exists (what `sd_booted()` checks) and the manager executed
+/// this very process (`SYSTEMD_EXEC_PID`, with the `INVOCATION_ID` of the unit). Children of a
+/// service, such as a daemon started by a test runner that itself runs as a service, inherit
+/// the variables but not the pid, and keep starting guests as children.
 fn runs_as_systemd_service() -> bool {
-    Path::new("/run/systemd/system").is_dir() && std::env::var_os("INVOCATION_ID").is_some()
+    let exec_pid = std::env::var("SYSTEMD_EXEC_PID").ok();
+    Path::new("/run/systemd/system").is_dir()
+        && std::env::var_os("INVOCATION_ID").is_some()
+        && exec_pid.and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id())
 }
 
 impl Launcher {

@@ -512,3 +512,92 @@ fn vmsnapd_session_is_bus_activated_and_keeps_guest_across_restart() {
         (user_property(&sb, guest_unit, "LoadState") == "not-found").then_some(())
     });
 }
+
+/// The names of `domain`'s snapshots other than `manual1`, oldest first (scheduled names
+/// carry their UTC time, so they sort by age); panics unless `manual1` is still there.
+fn scheduled_names(sb: &Sandbox, domain: &str) -> Vec<String> {
+    let list = vmsnap(sb, &["--json", "list", domain]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let names: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("a list: {list}"))
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "manual1"), "{names:?}");
+    let mut scheduled: Vec<String> = names.into_iter().filter(|n| n != "manual1").collect();
+    scheduled.sort();
+    scheduled
+}
+
+#[test]
+fn snapshot_timer_fires_takes_snapshots_and_prunes_by_policy() {
+    let Some(sb) = sandbox("snapshot_timer_fires_takes_snapshots_and_prunes_by_policy") else {
+        return;
+    };
+    sb.exec_ok(&["systemctl", "start", DAEMON_UNIT]);
+    let disk = format!("{IMAGES}/t1.qcow2");
+    counter_boot_qcow2(&sb.path(&disk));
+    let xml = domain_xml("t1", &[DiskSpec::new(Path::new(&disk), "qcow2", "vda")]);
+    let xml_path = format!("{IMAGES}/t1.xml");
+    std::fs::write(sb.path(&xml_path), xml).unwrap();
+    vmsnap(&sb, &["domain", "define", &xml_path]);
+    vmsnap(&sb, &["domain", "start", "t1"]);
+    // A manual snapshot, which the schedule's pruning must leave alone.
+    vmsnap(&sb, &["create", "t1", "--name", "manual1", "--disk-only"]);
+    vmsnap(
+        &sb,
+        &[
+            "schedule",
+            "set",
+            "t1",
+            "--kind",
+            "disk-only",
+            "--keep-last",
+            "2",
+        ],
+    );
+
+    // The installed hourly timer, made to fire every two seconds, precisely.
+    let timer = "vmsnap-snapshot@t1.timer";
+    let service = "vmsnap-snapshot@t1.service";
+    sb.drop_in(
+        "vmsnap-snapshot@.timer",
+        "50-test",
+        "[Timer]\nOnCalendar=\nOnCalendar=*:*:0/2\nAccuracySec=100ms\nRandomizedDelaySec=0\n",
+    );
+    sb.exec_ok(&["systemctl", "enable", "--now", timer]);
+    let runs = || {
+        sb.exec_ok(&["journalctl", "-u", service, "-o", "cat", "--no-pager"])
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("Finished "))
+            .count()
+    };
+    poll_until(
+        Deadline::after(Duration::from_secs(60)),
+        "four scheduled runs",
+        || (runs() >= 4).then_some(()),
+    );
+    sb.exec_ok(&["systemctl", "disable", "--now", timer]);
+    poll_until(Deadline::step(), "the last run to end", || {
+        (sb.unit_property(service, "ActiveState") != "activating").then_some(())
+    });
+    assert_eq!(sb.unit_property(service, "Result"), "success");
+
+    // Four or more runs, and the policy keeps two scheduled snapshots plus the manual one.
+    let before = scheduled_names(&sb, "t1");
+    assert_eq!(before.len(), 2, "{before:?}");
+    // One more run by hand, as the service runs it: the newest two are what stays.
+    vmsnap(&sb, &["schedule", "run", "t1"]);
+    let after = scheduled_names(&sb, "t1");
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(
+        after[0], before[1],
+        "the newer of the two survives: {before:?} -> {after:?}"
+    );
+    assert!(
+        !before.contains(&after[1]),
+        "a new snapshot: {before:?} -> {after:?}"
+    );
+}
