@@ -9,7 +9,8 @@
 //!
 //! Invariants: every container lives in a cgroup of its own that holds nothing else, so
 //! dropping the [`Sandbox`] ends every process of it (power-off, then `cgroup.kill`) and
-//! nothing of it is left behind; every wait has a deadline. Needs root: tests call
+//! nothing of it is left behind; a container whose test process died without dropping it is
+//! killed by the next boot; every wait has a deadline. Needs root: tests call
 //! [`Sandbox::available`] first and skip with a message otherwise.
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,37 @@ fn remove_cgroup(cg: &Path) {
     let _ = std::fs::remove_dir(cg);
 }
 
+/// The prefix of every container's name and cgroup; the creating test's pid follows.
+const NAME_PREFIX: &str = "vmsnap-test-";
+
+/// Ends and removes the containers of test processes that died without dropping them (a
+/// test killed by a timeout): their cgroups carry the dead creator's pid in their name.
+fn sweep_orphans(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(creator) = name
+            .strip_prefix(NAME_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{creator}")).exists() {
+            continue;
+        }
+        let cg = e.path();
+        eprintln!("removing the container {name} of a test process that is gone");
+        let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        let deadline = Deadline::after(POWEROFF_TIMEOUT);
+        while populated(&cg) && !deadline.expired() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        remove_cgroup(&cg);
+    }
+}
+
 impl Sandbox {
     /// Why a container cannot be booted here, if it cannot (not root, no systemd, no
     /// cgroup2); `None` when it can.
@@ -111,11 +143,13 @@ impl Sandbox {
             init.display()
         );
         let name = format!(
-            "vmsnap-test-{}-{}",
+            "{NAME_PREFIX}{}-{}",
             std::process::id(),
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
-        let cgroup = cgroup2_root().expect("cgroup2 mount").join(&name);
+        let root = cgroup2_root().expect("cgroup2 mount");
+        sweep_orphans(&root);
+        let cgroup = root.join(&name);
         std::fs::create_dir(&cgroup)
             .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", cgroup.display()));
         let dir = tempfile::Builder::new()

@@ -438,6 +438,19 @@ mod tests {
     }
 
     #[test]
+    fn kvm_or_tcg_lets_qemu_fall_back() {
+        let def = def("q35", vec![]);
+        let args = qemu_args(
+            &def,
+            &paths(Path::new("/r")),
+            Accel::KvmOrTcg,
+            &LaunchOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(value_after(&args, "-machine").unwrap(), "q35,accel=kvm:tcg");
+    }
+
+    #[test]
     fn two_disk_command_line() {
         let mut vda = disk("vda", DiskBus::Virtio, DiskFormat::Qcow2, "/img/a, b.qcow2");
         vda.boot_order = Some(1);

@@ -140,6 +140,20 @@ fn units_installed_pass_verify_and_stay_under_exposure_bound() {
     )
     .unwrap();
     assert!(activation.contains("SystemdService=vmsnapd.service"));
+    // One polkit action per kind of change, named as the daemon checks them.
+    let policy =
+        std::fs::read_to_string(prefix.join("share/polkit-1/actions/org.vmsnap.VmSnap1.policy"))
+            .unwrap();
+    for verb in ["create", "revert", "delete", "prune", "manage", "cancel"] {
+        assert_eq!(
+            policy
+                .matches(&format!("<action id=\"org.vmsnap.VmSnap1.{verb}\">"))
+                .count(),
+            1,
+            "action {verb} in:\n{policy}"
+        );
+    }
+    assert_eq!(policy.matches("<action ").count(), 6, "{policy}");
 }
 
 /// Boots a container with the project installed, or `None` (after saying why) where that is
