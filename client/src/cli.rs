@@ -116,6 +116,135 @@ pub enum Command {
         /// Snapshot name.
         snapshot: String,
     },
+    /// Delete the snapshots a retention policy does not keep.
+    #[command(after_help = PRUNE_HELP)]
+    Prune(PruneArgs),
+    /// Protect a snapshot from pruning.
+    #[command(after_help = "Example:\n  vmsnap protect web1 before-upgrade")]
+    Protect {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// End a snapshot's protection from pruning.
+    #[command(after_help = "Example:\n  vmsnap unprotect web1 before-upgrade")]
+    Unprotect {
+        /// Domain name.
+        domain: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Show, change or run a domain's scheduled snapshots.
+    #[command(
+        args_conflicts_with_subcommands = true,
+        arg_required_else_help = true,
+        after_help = SCHEDULE_HELP
+    )]
+    Schedule(ScheduleArgs),
+}
+
+const PRUNE_HELP: &str = "\
+Only snapshots taken by a schedule (origin \"schedule\") are candidates unless --include-manual
+is given; protected snapshots and the current one are never deleted. Periods are UTC calendar
+periods; --keep-daily 7 keeps the newest snapshot of each of the 7 most recent days that have
+one. --max-age deletes older snapshots even when a keep rule would keep them. Without any rule
+the domain's stored policy (vmsnap schedule set) is used.
+
+Examples:
+  vmsnap prune web1 --keep-last 5 --dry-run
+  vmsnap prune web1 --keep-hourly 24 --keep-daily 7 --max-age 30d
+  vmsnap prune web1                       # the stored policy";
+
+const SCHEDULE_HELP: &str = "\
+Examples:
+  vmsnap schedule web1                                  # show (same as: schedule show web1)
+  vmsnap schedule set web1 --kind checkpoint --keep-hourly 24 --keep-daily 7
+  vmsnap schedule set web1 --reset --keep-last 3        # start from the defaults
+  vmsnap schedule run web1                              # what vmsnap-snapshot@web1.service runs";
+
+/// A retention policy on the command line.
+#[derive(clap::Args, Debug, Default)]
+pub struct PolicyArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the N most recent hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// The same per day.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// The same per ISO week.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// The same per month.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// The same per year.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Delete snapshots older than this (seconds, or e.g. 30d, 12h, 1w2d).
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
+}
+
+/// `vmsnap prune ...`
+#[derive(clap::Args, Debug)]
+pub struct PruneArgs {
+    /// Domain name.
+    pub domain: String,
+    /// The policy (default: the stored one).
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Print what would be deleted; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Manual snapshots are candidates too.
+    #[arg(long)]
+    pub include_manual: bool,
+}
+
+/// `vmsnap schedule ...`
+#[derive(clap::Args, Debug)]
+pub struct ScheduleArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Option<ScheduleCommand>,
+    /// Domain name: show its settings.
+    pub domain: Option<String>,
+}
+
+/// `vmsnap schedule show|set|run ...`
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Show a domain's schedule settings.
+    Show {
+        /// Domain name.
+        domain: String,
+    },
+    /// Change a domain's schedule settings (options not given keep their value).
+    Set {
+        /// Domain name.
+        domain: String,
+        /// What a scheduled run takes: disk-only (external overlays) or checkpoint.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Prefix of scheduled snapshots' names.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Start from the defaults instead of the stored settings.
+        #[arg(long)]
+        reset: bool,
+        /// The retention policy.
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Take a scheduled snapshot, then prune by the stored policy.
+    Run {
+        /// Domain name.
+        domain: String,
+    },
 }
 
 /// `vmsnap create ...`

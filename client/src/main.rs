@@ -6,6 +6,7 @@
 
 mod cli;
 mod output;
+mod retention;
 mod snapshot;
 
 use std::collections::HashMap;
@@ -152,6 +153,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dumpxml { domain, snapshot } => {
             snapshot::dumpxml(&conn, &manager, json_mode, &domain, &snapshot).await?
         }
+        Command::Prune(a) => retention::prune(&conn, &manager, json_mode, a).await?,
+        Command::Protect { domain, snapshot } => {
+            retention::protect(&conn, &manager, json_mode, &domain, &snapshot, true).await?
+        }
+        Command::Unprotect { domain, snapshot } => {
+            retention::protect(&conn, &manager, json_mode, &domain, &snapshot, false).await?
+        }
+        Command::Schedule(a) => retention::schedule(&conn, &manager, json_mode, a).await?,
     }
     Ok(())
 }

@@ -163,6 +163,12 @@ impl Failure {
         }
     }
 
+    /// The same failure with `context` put before its message (e.g. what was done before it).
+    pub fn context(mut self, context: &str) -> Failure {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
     /// Prints the failure and returns the exit code.
     pub fn report(self, json_mode: bool) -> ExitCode {
         if json_mode {
@@ -230,6 +236,15 @@ pub fn snapshot_info(v: &Value) -> String {
         },
         s("status"),
     );
+    out.push_str(&format!(
+        "\nOrigin:      {}\nProtected:   {}",
+        s("origin"),
+        if v.get("protected").and_then(Value::as_bool).unwrap_or(false) {
+            "yes"
+        } else {
+            "no"
+        }
+    ));
     let m = &v["memory"];
     out.push_str(&format!(
         "\nMemory:      {} {}",

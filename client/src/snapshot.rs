@@ -49,6 +49,8 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         "parent": parent_name,
         "current": s.is_current().await?,
         "status": s.status().await?,
+        "origin": s.origin().await?,
+        "protected": s.protected().await?,
         "path": path.to_string(),
     }))
 }

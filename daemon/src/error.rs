@@ -71,6 +71,15 @@ pub enum ServiceError {
     /// The domain's actor is gone (the domain was undefined or the daemon is stopping).
     #[error("domain {0:?} is no longer served")]
     Gone(String),
+    /// A multi-step operation stopped part-way; `done` says what it had done (e.g. which
+    /// snapshots a prune had deleted), `source` why it stopped. Reported as `source`'s kind.
+    #[error("{done}; then: {source}")]
+    Partial {
+        /// What was done before the failure.
+        done: String,
+        /// The failure.
+        source: Box<ServiceError>,
+    },
 }
 
 impl ServiceError {

@@ -91,3 +91,42 @@ pub mod option {
     /// `b`: with `UndefineDomain`, forget snapshot records too instead of refusing.
     pub const SNAPSHOTS_METADATA: &str = "snapshots-metadata";
 }
+
+/// Option keys of `Domain.Prune` and `CreateSnapshot` about retention, and the keys of a
+/// retention policy (`Prune`'s policy dictionary and `Domain.Schedule`).
+pub mod retention {
+    /// `s`: with `CreateSnapshot`, who asked for the snapshot (default `manual`; the scheduled
+    /// path uses `schedule`). Only `schedule` snapshots are pruning candidates by default.
+    pub const ORIGIN: &str = "origin";
+    /// `b`: with `CreateSnapshot`, protect the new snapshot from pruning.
+    pub const PROTECTED: &str = "protected";
+    /// `b`: with `Prune`, return what would be deleted and change nothing.
+    pub const DRY_RUN: &str = "dry-run";
+    /// `b`: with `Prune`, every snapshot is a candidate, not only scheduled ones.
+    pub const INCLUDE_MANUAL: &str = "include-manual";
+    /// `u`: keep the N newest candidates.
+    pub const KEEP_LAST: &str = "keep-last";
+    /// `u`: keep the newest candidate of each of the N most recent hours (UTC) that have one.
+    pub const KEEP_HOURLY: &str = "keep-hourly";
+    /// `u`: the same per day (UTC).
+    pub const KEEP_DAILY: &str = "keep-daily";
+    /// `u`: the same per ISO week (Monday to Sunday, UTC).
+    pub const KEEP_WEEKLY: &str = "keep-weekly";
+    /// `u`: the same per month (UTC).
+    pub const KEEP_MONTHLY: &str = "keep-monthly";
+    /// `u`: the same per year (UTC).
+    pub const KEEP_YEARLY: &str = "keep-yearly";
+    /// `t` seconds, or `s` like `30d`, `12h`, `1w2d`: delete candidates older than this even
+    /// when a keep rule would keep them (protected and current snapshots stay).
+    pub const MAX_AGE: &str = "max-age";
+    /// `s`: in `Domain.Schedule`, the kind of scheduled snapshot: `disk-only` or `checkpoint`.
+    pub const KIND: &str = "kind";
+    /// `s`: in `Domain.Schedule`, the prefix of scheduled snapshots' names.
+    pub const PREFIX: &str = "prefix";
+    /// `b`: with `SetSchedule`, start from the defaults instead of the stored settings.
+    pub const RESET: &str = "reset";
+    /// The origin of snapshots taken by a user.
+    pub const ORIGIN_MANUAL: &str = "manual";
+    /// The origin of snapshots taken by a schedule.
+    pub const ORIGIN_SCHEDULE: &str = "schedule";
+}

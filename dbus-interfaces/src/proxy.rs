@@ -104,6 +104,19 @@ pub trait Domain {
     fn list_snapshots(&self) -> Result<Vec<OwnedObjectPath>, crate::Error>;
     /// The path of the snapshot with this name.
     fn find_snapshot(&self, name: &str) -> Result<OwnedObjectPath, crate::Error>;
+    /// Deletes what a retention policy does not keep (empty policy: the stored one); returns
+    /// the deleted names (with option `dry-run`, what would be deleted).
+    fn prune(
+        &self,
+        policy: HashMap<&str, Variant<'_>>,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<Vec<String>, crate::Error>;
+    /// Changes the scheduled-snapshot settings (merged into the stored ones).
+    fn set_schedule(
+        &self,
+        settings: HashMap<&str, Variant<'_>>,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<(), crate::Error>;
     /// The domain was reverted to a snapshot.
     #[zbus(signal)]
     fn reverted(&self, snapshot: OwnedObjectPath) -> zbus::Result<()>;
@@ -131,6 +144,9 @@ pub trait Domain {
     /// The disks: (target, format, file, flags).
     #[zbus(property)]
     fn disks(&self) -> zbus::Result<Vec<(String, String, String, Vec<String>)>>;
+    /// Scheduled-snapshot settings: `kind`, `prefix` and the retention policy keys.
+    #[zbus(property)]
+    fn schedule(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
 }
 
 /// `org.vmsnap.VmSnap1.Snapshot` on `/org/vmsnap/VmSnap1/domain/<id>/snapshot/<id>`.
@@ -181,6 +197,15 @@ pub trait Snapshot {
     /// Whether this is the current snapshot.
     #[zbus(property)]
     fn is_current(&self) -> zbus::Result<bool>;
+    /// Whether pruning must leave it alone.
+    #[zbus(property)]
+    fn protected(&self) -> zbus::Result<bool>;
+    /// Protects it from pruning, or ends its protection.
+    #[zbus(property)]
+    fn set_protected(&self, value: bool) -> zbus::Result<()>;
+    /// Who asked for it: `manual`, `schedule`, ...
+    #[zbus(property)]
+    fn origin(&self) -> zbus::Result<String>;
 }
 
 /// `org.vmsnap.VmSnap1.Job` on `/org/vmsnap/VmSnap1/job/<n>`.

@@ -174,7 +174,8 @@ impl DomainIface {
     /// (s: `internal`, `external` or `none`), `memory-file` (s), `vmstate-disk` (s), `disks`
     /// (as: `TARGET=internal`, `TARGET=external[:FILE]`, `TARGET=no`), `live` (b),
     /// `keep-active-name` (b), `parent` (s: first revert to this snapshot, making the new one
-    /// a branch from it), `async` (b).
+    /// a branch from it), `origin` (s: who asks, default `manual`; scheduled runs use
+    /// `schedule`), `protected` (b: protect it from pruning), `async` (b).
     async fn create_snapshot(
         &self,
         name: String,
@@ -253,6 +254,52 @@ impl DomainIface {
             })
     }
 
+    /// Deletes the snapshots a retention policy does not keep, one at a time, descendants
+    /// first, each like `Snapshot.Delete` (data of the remaining snapshots is merged, never
+    /// lost); returns the deleted names. Policy keys: `keep-last`, `keep-hourly`, `keep-daily`,
+    /// `keep-weekly`, `keep-monthly`, `keep-yearly` (u, at least 1; periods are UTC calendar
+    /// periods, the newest snapshot of each of the N most recent periods that have one is
+    /// kept), `max-age` (t seconds or s like `30d`: older snapshots go even when a keep rule
+    /// would keep them). An empty policy uses the stored one (`Schedule`). Protected snapshots
+    /// and the current one are never deleted; only snapshots of origin `schedule` are
+    /// candidates unless option `include-manual` (b) is set. Option `dry-run` (b) returns what
+    /// would be deleted and changes nothing. When a delete fails part-way the error (of the
+    /// failure's kind) names the snapshots already deleted.
+    async fn prune(
+        &self,
+        policy: HashMap<String, OwnedVariant>,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<Vec<String>, Error> {
+        super::retention::prune(
+            &self.service,
+            &self.handle,
+            policy,
+            options,
+            &header,
+            server,
+            emitter,
+        )
+        .await
+    }
+
+    /// Changes the settings of scheduled snapshots (see `Schedule`): the given keys replace
+    /// the stored ones, the others stay; option `reset` (b) starts from the defaults instead.
+    /// Keys: `kind` (s: `disk-only` or `checkpoint`), `prefix` (s), and the policy keys of
+    /// `Prune`. Everything is checked before anything is stored.
+    async fn set_schedule(
+        &self,
+        settings: HashMap<String, OwnedVariant>,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), Error> {
+        super::retention::set_schedule(&self.service, &self.handle, settings, options)?;
+        let _ = self.schedule_changed(&emitter).await;
+        Ok(())
+    }
+
     /// The domain was reverted to a snapshot.
     #[zbus(signal)]
     pub(super) async fn reverted(
@@ -317,6 +364,17 @@ impl DomainIface {
     async fn disks(&self) -> Vec<(String, String, String, Vec<String>)> {
         disk_rows(&self.handle.info())
     }
+
+    /// Settings of scheduled snapshots (`vmsnap schedule run`): `kind` (s: `disk-only`, the
+    /// default, or `checkpoint`), `prefix` (s: names are `PREFIX-YYYYMMDDTHHMMSSZ`, default
+    /// `auto`) and the stored retention policy (`keep-*` as u, `max-age` as t seconds; absent
+    /// keys are not part of it). Changed with `SetSchedule`. Stored settings this build
+    /// cannot read show as the defaults plus `error` (s) saying why; scheduled runs and
+    /// `Prune` with the stored policy then fail until `SetSchedule` replaces them.
+    #[zbus(property)]
+    async fn schedule(&self) -> HashMap<String, OwnedVariant> {
+        super::retention::schedule_property(&self.service, &self.handle)
+    }
 }
 
 const CREATE_OPTIONS: &[&str] = &[
@@ -329,6 +387,8 @@ const CREATE_OPTIONS: &[&str] = &[
     option::LIVE,
     option::KEEP_ACTIVE_NAME,
     option::ASYNC,
+    vmsnap_dbus::names::retention::ORIGIN,
+    vmsnap_dbus::names::retention::PROTECTED,
 ];
 
 /// Reads the creation options into a request (name and description are set by the caller).
@@ -391,6 +451,7 @@ impl DomainIface {
         emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         let is_async = opts.bool(option::ASYNC)?.unwrap_or(false);
+        let (origin, protected) = super::retention::create_extras(opts)?;
         let branch_from = match opts.string(option::PARENT)? {
             Some(p) => {
                 let info = self.handle.info();
@@ -429,7 +490,11 @@ impl DomainIface {
                 j.set_phase("revert");
                 handle.revert(parent, None, true).await?;
             }
-            let id = handle.create_snapshot(req, "manual".to_string(), j).await?;
+            let id = handle.create_snapshot(req, origin, j).await?;
+            if protected {
+                // Still under the operation slot, so no prune can see it unprotected.
+                handle.set_protected(id, true).await?;
+            }
             let info = handle.info();
             // Serve the new object before anyone hears of it.
             sync_snapshots(&server2, &service, &handle, None, &info).await;

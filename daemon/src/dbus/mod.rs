@@ -9,6 +9,7 @@ mod domain;
 mod job;
 mod manager;
 mod options;
+mod retention;
 mod snapshot;
 
 use std::sync::Arc;
@@ -50,6 +51,8 @@ pub fn wire_error(e: ServiceError) -> Error {
             tracing::error!(error = ?e, "internal failure");
             Error::Failed(msg)
         }
+        // The failure's own kind, with the whole story as the message.
+        ServiceError::Partial { source, .. } => retention::with_message(wire_error(*source), msg),
     }
 }
 

@@ -334,6 +334,26 @@ impl SnapshotIface {
     async fn is_current(&self) -> bool {
         self.handle.info().current_snapshot == Some(self.id)
     }
+
+    /// Whether `Domain.Prune` must leave this snapshot alone. Writable with
+    /// `org.freedesktop.DBus.Properties.Set`; persisted in the catalog.
+    #[zbus(property)]
+    async fn protected(&self) -> bool {
+        self.field(|r| r.protected)
+    }
+
+    // The setter of `Protected` (its documentation is the getter's).
+    #[zbus(property)]
+    async fn set_protected(&self, value: bool) -> Result<(), Error> {
+        super::retention::set_protected(&self.handle, self.id, value).await
+    }
+
+    /// Who asked for the snapshot: `manual` (a user) or `schedule` (a scheduled run), or
+    /// another word a caller chose.
+    #[zbus(property)]
+    async fn origin(&self) -> String {
+        self.field(|r| r.origin.clone())
+    }
 }
 
 /// Brings the served snapshot objects of a domain in line with `now`, announcing the

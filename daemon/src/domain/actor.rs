@@ -128,6 +128,18 @@ enum Request {
     Stop {
         reply: oneshot::Sender<()>,
     },
+    /// Retention: delete unless protected or current by the time the actor gets to it.
+    PruneDelete {
+        snapshot: SnapshotId,
+        job: Arc<Job>,
+        reply: Reply<bool>,
+    },
+    /// Retention: set or clear a snapshot's protection.
+    SetProtected {
+        snapshot: SnapshotId,
+        protected: bool,
+        reply: Reply<()>,
+    },
 }
 
 /// A cheap, cloneable reference to a domain's actor.
@@ -320,6 +332,28 @@ impl DomainHandle {
             snapshot,
             metadata_only,
             job,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes a snapshot for a retention run, unless it is protected or current when the actor
+    /// gets to it (then `Ok(false)`): the check and the delete cannot be separated by a
+    /// `Protected` change.
+    pub async fn prune_delete(&self, snapshot: SnapshotId, job: Arc<Job>) -> ServiceResult<bool> {
+        self.call(|reply| Request::PruneDelete {
+            snapshot,
+            job,
+            reply,
+        })
+        .await
+    }
+
+    /// Sets or clears a snapshot's protection from pruning (persisted).
+    pub async fn set_protected(&self, snapshot: SnapshotId, protected: bool) -> ServiceResult<()> {
+        self.call(|reply| Request::SetProtected {
+            snapshot,
+            protected,
             reply,
         })
         .await
@@ -761,6 +795,23 @@ impl Actor {
                 let r = self.delete_snapshot(snapshot, metadata_only).await;
                 self.progress = None;
                 let _ = reply.send(r);
+            }
+            Request::PruneDelete {
+                snapshot,
+                job,
+                reply,
+            } => {
+                self.progress = Some(job);
+                let r = self.prune_delete(snapshot).await;
+                self.progress = None;
+                let _ = reply.send(r);
+            }
+            Request::SetProtected {
+                snapshot,
+                protected,
+                reply,
+            } => {
+                let _ = reply.send(self.set_protected(snapshot, protected));
             }
             Request::Stop { .. } => unreachable!("handled by the loop"),
         }

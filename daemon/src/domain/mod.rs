@@ -5,5 +5,6 @@ pub mod actor;
 pub mod def;
 pub mod launch;
 pub mod qemu_cmd;
+mod retention;
 mod revert;
 pub mod state;

@@ -4,9 +4,13 @@
 //! VM state is internal (inside a qcow2 image) or external (a file).
 //!
 //! [`plan`] validates a request into a [`plan::Plan`] before any work is done; [`xml`] reads
-//! libvirt's `<domainsnapshot>` creation documents and writes the output format.
+//! libvirt's `<domainsnapshot>` creation documents and writes the output format; [`retention`]
+//! plans which snapshots a retention policy keeps and deletes; [`schedule`] holds a domain's
+//! settings for scheduled snapshots.
 
 pub mod create;
 pub mod plan;
 pub mod record;
+pub mod retention;
+pub mod schedule;
 pub mod xml;

@@ -6,6 +6,7 @@
 mod domains;
 mod harness_selftest;
 mod introspection;
+mod retention;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
