@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages that vmsnap's tests and demo need, on Debian 12 and alike:
 # QEMU 7.2 (qemu-system-x86_64 and, of the same version, qemu-img and qemu-io), dbus-daemon,
-# sqlite3, gdbus (the authorization tests call every method with it as other users) and polkitd
-# (run on the private test bus). Quick and silent when everything is already there; non-interactive; as root it
+# sqlite3, gdbus (the authorization tests call every method with it as other users), polkitd
+# (run on the private test bus), Python's D-Bus and GLib bindings (the example front end), and
+# for the systemd tests systemd itself (booted in a container, and systemd-analyze),
+# unshare/nsenter (util-linux), kill (procps) and the user bus of systemd --user
+# (dbus-user-session). Quick and silent when everything is already there; non-interactive; as root it
 # runs apt-get directly, otherwise through `sudo -n` when sudo exists.
 #
 # Order matters: installing qemu-system-x86 (7.2) removes a newer preinstalled qemu-utils, and
@@ -20,7 +23,8 @@ version_of() {
 # Prints why an install is needed and succeeds, or fails when nothing is missing.
 needs_install() {
     local tool
-    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 busctl script gdbus setpriv useradd; do
+    for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon sqlite3 busctl script gdbus \
+        setpriv useradd systemd-analyze unshare nsenter kill; do
         if ! command -v "$tool" >/dev/null 2>&1; then
             echo "install-deps: $tool is missing"
             return 0
@@ -33,6 +37,10 @@ needs_install() {
     fi
     if [ ! -x /usr/lib/polkit-1/polkitd ]; then
         echo "install-deps: polkitd is missing"
+        return 0
+    fi
+    if [ ! -e /usr/lib/systemd/user/dbus.socket ]; then
+        echo "install-deps: dbus-user-session is missing"
         return 0
     fi
     local system img
@@ -67,7 +75,7 @@ if needs_install; then
     apt "${install[@]}" qemu-system-x86
     apt "${install[@]}" qemu-utils
     apt "${install[@]}" dbus sqlite3 systemd bsdutils python3-dbus python3-gi \
-        libglib2.0-bin util-linux passwd polkitd
+        libglib2.0-bin util-linux passwd polkitd procps dbus-user-session
 fi
 
 for tool in qemu-system-x86_64 qemu-img qemu-io dbus-daemon; do

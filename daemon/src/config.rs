@@ -45,6 +45,32 @@ pub struct Config {
     /// Whether to ask polkit (when it is on the bus) about callers that are neither root nor
     /// members of `admin_group`.
     pub polkit: bool,
+    /// Whether guests run in transient systemd units (see `domain::launch`).
+    pub guest_units: GuestUnits,
+}
+
+/// Whether guests run in transient units or as children of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestUnits {
+    /// Use systemd when the daemon itself runs as a systemd service and the manager answers.
+    Auto,
+    /// Always use systemd; fail to start if it is not reachable.
+    Systemd,
+    /// Never use systemd: QEMU is a child in its own process group.
+    None,
+}
+
+impl std::str::FromStr for GuestUnits {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(GuestUnits::Auto),
+            "systemd" => Ok(GuestUnits::Systemd),
+            "none" => Ok(GuestUnits::None),
+            other => Err(format!("{other:?}: expected auto, systemd or none")),
+        }
+    }
 }
 
 impl Config {
@@ -58,6 +84,7 @@ impl Config {
             storage_dirs: Vec::new(),
             admin_group: DEFAULT_ADMIN_GROUP.to_string(),
             polkit: true,
+            guest_units: GuestUnits::Auto,
         }
     }
 

@@ -250,6 +250,17 @@ impl JobRegistry {
             .collect()
     }
 
+    /// The jobs that have not finished, in number order, with their state.
+    pub fn running_jobs(&self) -> Vec<(JobId, JobStatus)> {
+        self.jobs
+            .lock()
+            .expect("job registry poisoned")
+            .iter()
+            .map(|(id, j)| (*id, j.status.borrow().clone()))
+            .filter(|(_, st)| !st.finished)
+            .collect()
+    }
+
     /// Number of jobs that have not finished.
     pub fn running(&self) -> usize {
         self.jobs

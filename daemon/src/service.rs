@@ -60,9 +60,19 @@ impl Service {
         for s in catalog.all_snapshots()? {
             snapshots.entry(s.domain_id).or_default().insert(s.id, s);
         }
+        let launcher = crate::domain::launch::Launcher::detect(
+            config.guest_units,
+            config.bus == crate::config::BusChoice::Session,
+        )
+        .await
+        .map_err(|e| ServiceError::Io {
+            context: "cannot reach systemd to start guests in units".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let shared = Shared {
             config: Arc::new(config),
             catalog: Arc::new(Mutex::new(catalog)),
+            launcher,
         };
         let service = Arc::new(Service {
             shared,
@@ -322,18 +332,33 @@ impl Service {
         }
     }
 
-    /// A one-line summary for the service manager's status.
+    /// A one-line summary for the service manager's status: domain and job counts, then the
+    /// first running jobs with their domain and phase.
     pub fn status_line(&self) -> String {
+        /// How many jobs the line names; the count covers the rest.
+        const NAMED_JOBS: usize = 3;
         let domains = self.domains();
         let running = domains
             .iter()
             .filter(|h| h.info().state.is_active())
             .count();
-        format!(
+        let jobs = self.jobs.running_jobs();
+        let mut line = format!(
             "{} domain(s), {running} running, {} job(s)",
             domains.len(),
-            self.jobs.running()
-        )
+            jobs.len()
+        );
+        for (i, (id, st)) in jobs.iter().take(NAMED_JOBS).enumerate() {
+            let domain = self
+                .get(DomainId(st.domain))
+                .map_or_else(|| st.domain.to_string(), |h| h.name());
+            line.push_str(if i == 0 { ": " } else { ", " });
+            line.push_str(&format!(
+                "{} {} of {domain} ({})",
+                st.operation, id.0, st.phase
+            ));
+        }
+        line
     }
 }
 

@@ -15,6 +15,11 @@
 //!   one of `journal::STEPS`, so tests can prove crash recovery at every step.
 //! - `list-crash-steps`: `vmsnapd` prints `journal::STEPS`, one a line, and exits, so tests
 //!   iterate the daemon's own list.
+//! - `hang-main-loop-after=SECONDS`: the daemon's main loop blocks its thread for good that
+//!   long after `READY=1`, as a deadlock would; the watchdog pings stop, so tests can see
+//!   systemd restart the daemon.
+//! - `delay-ready=SECONDS`: the daemon waits that long after owning its bus name before it
+//!   sends `READY=1`, so tests can see the unit stay `activating` until then.
 
 /// The environment variable holding the enabled hooks.
 pub const TEST_HOOKS_ENV: &str = "VMSNAPD_TEST_HOOKS";

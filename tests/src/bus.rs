@@ -3,7 +3,7 @@
 //! [`TestBus`] generates a bus configuration that mirrors the stock system bus
 //! (`/usr/share/dbus-1/system.conf`): owning names and sending method calls are denied by
 //! default, signals and replies are allowed. Its holes are the project's own
-//! `systemd/dbus-1/system.d/org.vmsnap.VmSnap1.conf`, included as is, so the tests exercise
+//! `systemd/share/dbus-1/system.d/org.vmsnap.VmSnap1.conf`, included as is, so the tests exercise
 //! the policy that gets installed, and polkit's policy file when polkit is installed. It listens on a unix socket in its own temporary directory,
 //! has no service activation, and is killed and reaped on drop.
 
@@ -24,7 +24,8 @@ use crate::process::ChildGuard;
 
 /// The project's policy file, as it is installed under `/usr/share/dbus-1/system.d/`.
 pub fn policy_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/dbus-1/system.d/org.vmsnap.VmSnap1.conf")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../systemd/share/dbus-1/system.d/org.vmsnap.VmSnap1.conf")
 }
 
 /// A running private `dbus-daemon`.

@@ -17,8 +17,10 @@ pub mod deadline;
 pub mod env;
 pub mod guest;
 pub mod images;
+pub mod install;
 pub mod polkit;
 pub mod process;
+pub mod systemd;
 pub mod users;
 
 pub use bus::{EventRecorder, PropertiesChanged, Signal, TestBus, connect, policy_file};

@@ -11,6 +11,9 @@
 //!   daemon's introspection with each member's `///` doc as a DocString annotation (the
 //!   introspection test with `VMSNAP_BLESS=1`).
 //! - `man`: build, then write the client's man pages into `target/man/man1`.
+//! - `install [--destdir DIR] [--prefix /usr] [--debug]`: release build (or the debug build
+//!   with `--debug`), then the binaries and the `systemd/` files laid out under `DIR/PREFIX`
+//!   (see `vmsnap_tests::install`, which the systemd tests install through as well).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
@@ -26,7 +29,9 @@ const USAGE: &str = "usage: cargo xtask <ci|demo|bench|dbus-xml|man>
   demo             build and run vmsnapd with a small guest on a private bus
   bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md
   dbus-xml         regenerate dbus-interfaces/org.vmsnap.VmSnap1.xml from the daemon
-  man              write the vmsnap man pages into target/man/man1";
+  man              write the vmsnap man pages into target/man/man1
+  install [--destdir DIR] [--prefix /usr] [--debug]
+                   build, then install binaries, units, D-Bus and polkit files";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,6 +45,7 @@ fn main() -> Result<()> {
         Some("bench-run") => bench::bench_run(&root(), rest),
         Some("dbus-xml") => dbus_xml(),
         Some("man") => man(),
+        Some("install") => install(rest),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
@@ -167,6 +173,47 @@ fn ci() -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask install`: builds, then installs through the layout the systemd tests use.
+fn install(args: &[String]) -> Result<()> {
+    let mut destdir = PathBuf::from("/");
+    let mut prefix = PathBuf::from("/usr");
+    let mut debug = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--destdir" => destdir = it.next().context("--destdir needs a folder")?.into(),
+            "--prefix" => prefix = it.next().context("--prefix needs a folder")?.into(),
+            "--debug" => debug = true,
+            other => bail!("unknown install option {other:?}\n{USAGE}"),
+        }
+    }
+    if !prefix.is_absolute() {
+        bail!("--prefix must be absolute, not {}", prefix.display());
+    }
+    let mut build = vec!["build", "--locked", "-p", "vmsnapd", "-p", "vmsnap"];
+    if !debug {
+        build.push("--release");
+    }
+    step(&cargo(), &build)?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let plan = vmsnap_tests::install::InstallPlan {
+        bin_dir: target.join(if debug { "debug" } else { "release" }),
+        destdir,
+        prefix,
+    };
+    for path in vmsnap_tests::install::install(&plan).context("install failed")? {
+        println!("installed {}", path.display());
+    }
+    if plan.destdir == Path::new("/") {
+        println!(
+            "==> now: systemctl daemon-reload && systemctl reload dbus && systemctl enable --now vmsnapd"
+        );
+    }
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     install_deps()?;
     step(&cargo(), &["build", "--workspace", "--locked"])?;
@@ -182,7 +229,9 @@ fn demo() -> Result<()> {
 }
 
 fn run_demo() {
-    println!("==> starting a private system bus with systemd/dbus-1/system.d's policy and vmsnapd");
+    println!(
+        "==> starting a private system bus with systemd/share/dbus-1/system.d's policy and vmsnapd"
+    );
     let env = TestEnv::start();
     println!("bus:     {}", env.bus_address());
     println!(

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::def::{DiskDef, DomainDef};
+use super::launch;
 use super::qemu_cmd::{self, LaunchOptions, LaunchPaths};
 use super::state::{GuestEvent, GuestState};
 use crate::catalog::{Catalog, DomainId, DomainKind, SnapshotId, SnapshotRecord};
@@ -404,6 +405,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The catalog.
     pub catalog: Arc<Mutex<Catalog>>,
+    /// How guests' QEMU processes are started.
+    pub launcher: launch::Launcher,
 }
 
 struct PendingShutdown {
@@ -1042,13 +1045,24 @@ impl Actor {
             opts.transient_overlays.insert(disk.target.clone(), overlay);
         }
         let paths = self.paths();
-        let args = qemu_cmd::qemu_args(&def, &paths, qemu_cmd::detect_accel(), &opts)
+        // In a guest unit QEMU may see /dev/kvm although the daemon's sandbox hides it: let
+        // QEMU fall back to TCG by itself.
+        let accel = if self.shared.launcher.uses_units() {
+            qemu_cmd::Accel::KvmOrTcg
+        } else {
+            qemu_cmd::detect_accel()
+        };
+        let args = qemu_cmd::qemu_args(&def, &paths, accel, &opts)
             .map_err(|e| ServiceError::InvalidArgument(format!("domain {name:?}: {e}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&paths.log_file)
             .map_err(ServiceError::io("cannot open the QEMU log file"))?;
+        if let launch::Launcher::Systemd(manager) = &self.shared.launcher {
+            let manager = manager.clone();
+            return self.start_in_unit(&manager, &args, log, paused).await;
+        }
         let log2 = log
             .try_clone()
             .map_err(ServiceError::io("cannot open the QEMU log file"))?;
@@ -1103,6 +1117,84 @@ impl Actor {
         self.qmp = Some(qmp.clone());
         self.events = Some(events);
         self.exit_rx = Some(exit_rx);
+        self.pid = pid;
+        self.expecting_exit = false;
+        if !paused {
+            qmp.cont().await.map_err(ServiceError::qemu(format!(
+                "domain {name:?}: cannot start the vCPUs"
+            )))?;
+        }
+        self.apply(GuestEvent::Started { paused });
+        Ok(())
+    }
+
+    /// Starts QEMU with `args` in a transient systemd unit of its own (see `launch`). The
+    /// guest is then followed like a re-attached one: through its QMP socket and the pid it
+    /// wrote, not as a child.
+    async fn start_in_unit(
+        &mut self,
+        manager: &launch::Manager,
+        args: &[std::ffi::OsString],
+        log: std::fs::File,
+        paused: bool,
+    ) -> ServiceResult<()> {
+        let name = self.name();
+        let paths = self.paths();
+        let unit = launch::unit_name(self.id().0);
+        let failed = |e: launch::LaunchError| ServiceError::Io {
+            context: format!("domain {name:?}: cannot start QEMU in unit {unit}"),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let binary = launch::resolve_binary(&self.shared.config.qemu_binary).map_err(failed)?;
+        let conn = &manager.conn;
+        launch::start_unit(
+            manager,
+            launch::GuestUnit {
+                name: &unit,
+                domain: &name,
+                binary: &binary,
+                args,
+                log: log.into(),
+            },
+        )
+        .await
+        .map_err(failed)?;
+        let deadline = Instant::now() + QEMU_START_TIMEOUT;
+        let connected = tokio::select! {
+            r = Qmp::connect(&paths.qmp_socket, deadline) => r.map_err(ServiceError::qemu(format!("domain {name:?}: QEMU's QMP socket did not answer"))),
+            _ = launch::unit_gone(conn, &unit) => {
+                let tail = self.log_tail().unwrap_or_default();
+                Err(ServiceError::Qemu {
+                    context: format!("domain {name:?}: QEMU exited during start (unit {unit})"),
+                    source: crate::qmp::QmpError::Protocol(tail),
+                })
+            }
+        };
+        let pid = std::fs::read_to_string(&paths.pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        // QEMU writes its pid file before it opens the QMP socket, so a connected QEMU has
+        // one; without it the guest could not be re-attached after a daemon restart.
+        let started = connected.and_then(|c| {
+            pid.map(|_| c).ok_or_else(|| ServiceError::Qemu {
+                context: format!("domain {name:?}: QEMU wrote no pid file"),
+                source: crate::qmp::QmpError::Protocol(paths.pidfile.display().to_string()),
+            })
+        });
+        let (qmp, events) = match started {
+            Ok(c) => c,
+            Err(e) => {
+                launch::stop_unit(conn, &unit).await;
+                launch::unit_gone(conn, &unit).await;
+                self.cleanup_runtime_files();
+                self.discard_transient_overlays();
+                return Err(e);
+            }
+        };
+        info!(domain = %name, pid, unit = %unit, "QEMU started in its own unit");
+        self.qmp = Some(qmp.clone());
+        self.events = Some(events);
+        self.exit_rx = None;
         self.pid = pid;
         self.expecting_exit = false;
         if !paused {

@@ -3,6 +3,7 @@
 
 pub mod actor;
 pub mod def;
+pub mod launch;
 pub mod qemu_cmd;
 mod redefine;
 mod retention;

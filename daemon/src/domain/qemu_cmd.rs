@@ -56,14 +56,18 @@ pub enum Accel {
     Kvm,
     /// The TCG emulator (slow, always available).
     Tcg,
+    /// KVM if QEMU can open `/dev/kvm`, else TCG: for a QEMU whose device access the daemon
+    /// cannot test itself (one started in a systemd unit of its own).
+    KvmOrTcg,
 }
 
 impl Accel {
-    /// The spelling of `-machine …,accel=`: `kvm` or `tcg`.
+    /// The spelling of `-machine …,accel=`: `kvm`, `tcg` or `kvm:tcg` (tried in order).
     pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
+            Accel::KvmOrTcg => "kvm:tcg",
         }
     }
 }
@@ -431,6 +435,19 @@ mod tests {
         args.windows(2)
             .find(|w| w[0] == flag)
             .map(|w| w[1].to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn kvm_or_tcg_lets_qemu_fall_back() {
+        let def = def("q35", vec![]);
+        let args = qemu_args(
+            &def,
+            &paths(Path::new("/r")),
+            Accel::KvmOrTcg,
+            &LaunchOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(value_after(&args, "-machine").unwrap(), "q35,accel=kvm:tcg");
     }
 
     #[test]

@@ -17,4 +17,5 @@ mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
 mod surface;
+mod systemd;
 mod tree;
