@@ -1047,7 +1047,9 @@ impl Actor {
         let paths = self.paths();
         // In a guest unit QEMU may see /dev/kvm although the daemon's sandbox hides it: let
         // QEMU fall back to TCG by itself.
-        let accel = if self.shared.launcher.uses_units() {
+        let accel = if let Some(accel) = qemu_cmd::accel_from_env() {
+            accel
+        } else if self.shared.launcher.uses_units() {
             qemu_cmd::Accel::KvmOrTcg
         } else {
             qemu_cmd::detect_accel()

@@ -72,6 +72,24 @@ impl Accel {
     }
 }
 
+/// The environment variable that names the accelerator instead of detecting it (`kvm`, `tcg`
+/// or `kvm:tcg`): for hosts where `/dev/kvm` opens but KVM is slower than TCG (nested
+/// virtualisation), and for tests, which run every guest under TCG as CI machines do.
+pub const ACCEL_ENV: &str = "VMSNAPD_ACCEL";
+
+/// The accelerator [`ACCEL_ENV`] names, if it is set to one of the known spellings.
+pub fn accel_from_env() -> Option<Accel> {
+    match std::env::var(ACCEL_ENV).ok()?.as_str() {
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        "kvm:tcg" => Some(Accel::KvmOrTcg),
+        other => {
+            tracing::warn!(value = other, "{ACCEL_ENV} is not kvm, tcg or kvm:tcg; ignored");
+            None
+        }
+    }
+}
+
 /// [`Accel::Kvm`] when `/dev/kvm` can be opened read-write, else [`Accel::Tcg`].
 pub fn detect_accel() -> Accel {
     match std::fs::OpenOptions::new()
