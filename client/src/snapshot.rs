@@ -9,7 +9,8 @@ use crate::cli::CreateArgs;
 use crate::output::{self, Failure};
 use crate::{Opts, domain_proxy, progress};
 
-async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
+/// One snapshot's properties as JSON, with `parent` and `children` as object paths.
+async fn snapshot_row(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
     let s = SnapshotProxy::builder(conn)
         .path(path.clone())
         .build()
@@ -22,25 +23,7 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         .map(|(t, m, f, o)| json!({"target": t, "mode": m, "file": f, "overlay": o}))
         .collect();
     let parent = s.parent().await?;
-    let parent_name = if parent.as_str() == "/" {
-        Value::Null
-    } else {
-        let p = SnapshotProxy::builder(conn)
-            .path(parent.clone())
-            .build()
-            .await?;
-        Value::String(p.name().await?)
-    };
-    let mut children = Vec::new();
-    for c in s.children().await? {
-        let p = SnapshotProxy::builder(conn).path(c).build().await?;
-        match p.name().await {
-            Ok(n) => children.push(Value::String(n)),
-            // Deleted since the parent was read: not a child any more.
-            Err(e) if Failure::from(e.clone()).code_is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let children: Vec<String> = s.children().await?.iter().map(|c| c.to_string()).collect();
     Ok(json!({
         "name": s.name().await?,
         "description": s.description().await?,
@@ -49,7 +32,7 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         "kind": s.kind().await?,
         "memory": {"mode": mem_mode, "where": mem_place},
         "disks": disks,
-        "parent": parent_name,
+        "parent": if parent.as_str() == "/" { Value::Null } else { json!(parent.to_string()) },
         "current": s.is_current().await?,
         "status": s.status().await?,
         "children": children,
@@ -58,6 +41,55 @@ async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value
         "protected": s.protected().await?,
         "path": path.to_string(),
     }))
+}
+
+/// A snapshot's name by path; `None` when it went away meanwhile (deleted by a running job).
+async fn name_of(conn: &Connection, path: &str) -> Result<Option<String>, Failure> {
+    let p = SnapshotProxy::builder(conn).path(path).build().await?;
+    match p.name().await {
+        Ok(n) => Ok(Some(n)),
+        Err(e) => {
+            let f = Failure::from(e);
+            if f.code_is_not_found() {
+                Ok(None)
+            } else {
+                Err(f)
+            }
+        }
+    }
+}
+
+/// Replaces the paths in a row's `parent` and `children` by names, from `known` (path to
+/// name) or else by asking the daemon; children that went away are left out.
+async fn resolve_names(
+    conn: &Connection,
+    row: &mut Value,
+    known: &std::collections::HashMap<String, String>,
+) -> Result<(), Failure> {
+    let lookup = async |p: &str| -> Result<Option<String>, Failure> {
+        match known.get(p) {
+            Some(n) => Ok(Some(n.clone())),
+            None => name_of(conn, p).await,
+        }
+    };
+    if let Some(p) = row["parent"].as_str().map(str::to_string) {
+        row["parent"] = lookup(&p).await?.map_or(Value::Null, Value::String);
+    }
+    let mut names = Vec::new();
+    for c in row["children"].as_array().cloned().unwrap_or_default() {
+        if let Some(n) = lookup(c.as_str().unwrap_or_default()).await? {
+            names.push(Value::String(n));
+        }
+    }
+    row["children"] = Value::Array(names);
+    Ok(())
+}
+
+/// One snapshot as JSON, parent and children by name.
+async fn snapshot_json(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
+    let mut row = snapshot_row(conn, path).await?;
+    resolve_names(conn, &mut row, &Default::default()).await?;
+    Ok(row)
 }
 
 /// `vmsnap create`
@@ -177,12 +209,25 @@ pub async fn list_view(
     let d = domain_proxy(conn, manager, domain).await?;
     let mut rows = Vec::new();
     for p in d.list_snapshots().await? {
-        match snapshot_json(conn, p).await {
+        match snapshot_row(conn, p).await {
             Ok(r) => rows.push(r),
             // Deleted while we listed (a delete job runs): leave it out.
             Err(e) if e.code_is_not_found() => {}
             Err(e) => return Err(e),
         }
+    }
+    // Parents and children are named from the rows themselves: no call per relation.
+    let known: std::collections::HashMap<String, String> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap_or_default().to_string(),
+                r["name"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    for r in &mut rows {
+        resolve_names(conn, r, &known).await?;
     }
     if view.tree {
         let tree = output::snapshot_forest(&rows);

@@ -109,6 +109,19 @@ fn frontend_example_tree_follows_changes_by_signal() {
     assert_eq!(v["state"], "shutoff");
     assert_eq!(shape(&v["tree"]), "s1*");
 
+    // For people: the tree drawn as text.
+    let text = vmsnap_tests::process::run(
+        Command::new(PYTHON)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../examples/snapshot-tree.py"
+            ))
+            .args(["--address", env.bus_address(), "fe", "--once"]),
+        Deadline::step(),
+    );
+    assert!(text.status.success(), "{}", text.stderr);
+    assert_eq!(text.stdout.trim_end(), "fe (shutoff)\ns1 (current)");
+
     // Live: every change made meanwhile shows up without the front end polling.
     let mut fe = FrontEnd::start(&env, "fe", &[]);
     fe.wait_for("the initial tree", |v| shape(&v["tree"]) == "s1*");
