@@ -11,6 +11,8 @@
 //! - Allowed are: uid 0; members of the admin group (`--admin-group`, default `vmsnap`),
 //!   primary or supplementary, as the system's group database says; and callers polkit
 //!   authorizes for the action's id (`org.vmsnap.VmSnap1.create` ...), when polkit is on the bus.
+//!   The group does not suffice for [`ROOT_EQUIVALENT`] methods (a monitor command or a foreign
+//!   QMP socket can reach anything root can).
 //!   polkit may interact with the user only when the caller set the message flag
 //!   `ALLOW_INTERACTIVE_AUTHORIZATION`; scripts that do not get an immediate answer.
 //! - A job may be cancelled by the user who started it, by root, or by a caller polkit
@@ -127,6 +129,14 @@ pub const METHOD_ACTIONS: &[(&str, &str, Action)] = &[
     (PROPERTIES_INTERFACE, "Set", Action::Manage),
 ];
 
+/// Methods that amount to root's power whatever their arguments, so that membership of the
+/// admin group is not enough for them (root or polkit only): `MonitorCommand` passes anything to
+/// QEMU (which can open any file), `AttachDomain` makes the daemon talk to any socket.
+pub const ROOT_EQUIVALENT: &[(&str, &str)] = &[
+    (DOMAIN_INTERFACE, "MonitorCommand"),
+    (MANAGER_INTERFACE, "AttachDomain"),
+];
+
 /// The action of a method, if it mutates.
 pub fn action_of(interface: &str, member: &str) -> Option<Action> {
     METHOD_ACTIONS
@@ -209,7 +219,7 @@ pub async fn authorize(header: &Header<'_>, action: Action) -> Result<Caller, Er
             grant: Grant::Root,
         });
     }
-    if auth.in_admin_group(uid).await {
+    if !root_equivalent(header) && auth.in_admin_group(uid).await {
         return Ok(Caller {
             uid,
             grant: Grant::Group,
@@ -295,6 +305,12 @@ fn check_table(header: &Header<'_>, action: Action) -> Action {
             listed.unwrap_or(action)
         }
     }
+}
+
+fn root_equivalent(header: &Header<'_>) -> bool {
+    let interface = header.interface().map(|i| i.as_str()).unwrap_or_default();
+    let member = header.member().map(|m| m.as_str()).unwrap_or_default();
+    ROOT_EQUIVALENT.contains(&(interface, member))
 }
 
 fn sender(header: &Header<'_>) -> Result<String, Error> {
@@ -438,6 +454,13 @@ mod tests {
         );
         assert_eq!(action_of(SNAPSHOT_INTERFACE, "GetXml"), None);
         assert_eq!(action_of(MANAGER_INTERFACE, "ListDomains"), None);
+    }
+
+    #[test]
+    fn auth_root_equivalent_methods_are_mutating() {
+        for (i, m) in ROOT_EQUIVALENT {
+            assert_eq!(action_of(i, m), Some(Action::Manage), "{i}.{m}");
+        }
     }
 
     #[test]

@@ -377,6 +377,11 @@ async fn auth_group_member_may_act_and_cancel_only_own_jobs() {
         "{v}"
     );
 
+    // Monitor commands reach anything root can: the group is not enough for them.
+    let (code, err) = as_member.err(["domain", "monitor", "ag", r#"{"execute":"query-status"}"#]);
+    assert_eq!(code, 6, "{err}");
+    assert!(err.contains("org.vmsnap.VmSnap1.manage"), "{err}");
+
     // root's job: neither the member nor the unprivileged user may cancel it.
     let root_job = long_job(&env.client, "ag");
     for user in [&member, &nobody] {
