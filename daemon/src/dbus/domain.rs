@@ -260,7 +260,8 @@ impl DomainIface {
     /// external memory file exists. The parent must already exist (import a tree parent
     /// first). Parts vmsnap does not act on (`domain`, `inactiveDomain`, `cookie`, …) are kept
     /// verbatim and returned by the snapshot's `GetXml`. Options: `current` (b: make it the
-    /// current snapshot; `<active>1</active>` does too). A refusal changes nothing.
+    /// current snapshot; `<active>1</active>` does too). Only the catalog changes: the
+    /// domain's definition and images stay as they are. A refusal changes nothing.
     async fn redefine_snapshot(
         &self,
         xml: String,

@@ -200,7 +200,16 @@ impl Actor {
                  or external)"
             )));
         }
-        let base = embedded.def.clone().unwrap_or_else(|| info.def.clone());
+        // The embedded definition may carry another name (the libvirt host's) or no UUID
+        // (then one was made up): a revert must not rename the domain or change its UUID.
+        let base = match embedded.def.clone() {
+            Some(mut def) => {
+                def.name = info.def.name.clone();
+                def.uuid = info.def.uuid;
+                def
+            }
+            None => info.def.clone(),
+        };
 
         // Which disk each <disk> names, and how it was snapshotted.
         let mut modes: BTreeMap<String, &crate::snapshot::xml::DiskDoc> = BTreeMap::new();

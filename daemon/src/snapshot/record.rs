@@ -197,3 +197,109 @@ pub fn to_doc(rec: &SnapshotRecord, parent: Option<&str>, parts: &XmlParts) -> S
 pub fn to_xml(rec: &SnapshotRecord, parent: Option<&str>, parts: &XmlParts) -> String {
     to_doc(rec, parent, parts).to_xml()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{DomainId, SnapshotId, SnapshotStatus};
+    use serde_json::json;
+
+    fn rec() -> SnapshotRecord {
+        SnapshotRecord {
+            id: SnapshotId(2),
+            domain_id: DomainId(1),
+            name: "s2".into(),
+            description: "before <upgrade> & 'more'".into(),
+            created_at: 1_700_000_100,
+            state: "disk-snapshot".into(),
+            kind: "disk-only".into(),
+            parent: Some(SnapshotId(1)),
+            domain_xml: "<domain type='qemu'>\n  <name>web</name>\n</domain>\n".into(),
+            memory: json!({"mode": "none", "file": null, "vmstate_disk": null}),
+            disks: json!([
+                {"target": "vda", "mode": "external", "format": "qcow2",
+                 "image": "/img/vda.qcow2", "overlay": "/img/vda.s2.qcow2", "snapshot_file": null},
+                {"target": "vdb", "mode": "no", "format": "raw", "image": "/img/vdb.raw"},
+                {"target": "vdc", "mode": "internal", "format": "qcow2", "image": "/img/vdc.qcow2"}
+            ]),
+            status: SnapshotStatus::Committed,
+            origin: "manual".into(),
+            protected: false,
+        }
+    }
+
+    #[test]
+    fn record_export_is_what_virsh_snapshot_dumpxml_shows() {
+        let expected = "<domainsnapshot>
+  <name>s2</name>
+  <description>before &lt;upgrade&gt; &amp; &apos;more&apos;</description>
+  <state>disk-snapshot</state>
+  <parent>
+    <name>s1</name>
+  </parent>
+  <creationTime>1700000100</creationTime>
+  <memory snapshot='no'/>
+  <disks>
+    <disk name='vda' snapshot='external' type='file'>
+      <driver type='qcow2'/>
+      <source file='/img/vda.s2.qcow2'/>
+    </disk>
+    <disk name='vdb' snapshot='no'/>
+    <disk name='vdc' snapshot='internal'/>
+  </disks>
+  <domain type='qemu'>
+    <name>web</name>
+  </domain>
+</domainsnapshot>
+";
+        assert_eq!(to_xml(&rec(), Some("s1"), &XmlParts::default()), expected);
+        // And it reads back as the same document.
+        let doc = SnapshotDoc::parse(expected).unwrap();
+        assert_eq!(doc, to_doc(&rec(), Some("s1"), &XmlParts::default()));
+    }
+
+    #[test]
+    fn record_export_puts_kept_parts_back() {
+        let parts = XmlParts {
+            domain: Some("<domain type='kvm'><name>web</name><devices/></domain>".into()),
+            inactive_domain: Some("<inactiveDomain type='kvm'/>".into()),
+            cookie: Some("<cookie><slirpHelper/></cookie>".into()),
+            revert_disks: Some("<revertDisks/>".into()),
+            disks: [(
+                "vda".to_string(),
+                "<disk name='vda' snapshot='external' type='file'>\
+                 <source file='/img/vda.s2.qcow2'><seclabel model='dac' relabel='no'/></source>\
+                 </disk>"
+                    .to_string(),
+            )]
+            .into(),
+        };
+        assert_eq!(XmlParts::from_json(&parts.to_json()), parts);
+        let xml = to_xml(&rec(), None, &parts);
+        for part in [
+            parts.domain.as_deref().unwrap(),
+            parts.inactive_domain.as_deref().unwrap(),
+            parts.cookie.as_deref().unwrap(),
+            parts.revert_disks.as_deref().unwrap(),
+            parts.disks["vda"].as_str(),
+        ] {
+            assert!(xml.contains(part), "{part} missing from\n{xml}");
+        }
+        assert!(!xml.contains("<parent>") && !xml.contains("<name>web</name>\n"));
+        let order: Vec<usize> = [
+            "<domain type",
+            "<inactiveDomain",
+            "<cookie>",
+            "<revertDisks",
+        ]
+        .iter()
+        .map(|t| xml.find(t).unwrap())
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{xml}");
+        assert!(XmlParts::default().is_empty() && !parts.is_empty());
+        assert_eq!(
+            XmlParts::from_json(&json!("not an object")),
+            XmlParts::default()
+        );
+    }
+}

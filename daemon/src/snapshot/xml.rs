@@ -547,21 +547,24 @@ impl SnapshotDoc {
     pub fn to_xml(&self) -> String {
         let mut x = String::from("<domainsnapshot>\n");
         if let Some(name) = &self.name {
-            x.push_str(&format!("  <name>{}</name>\n", escape_text(name)));
+            x.push_str(&format!("  <name>{}</name>\n", escape_text_libvirt(name)));
         }
         if let Some(d) = &self.description {
             x.push_str(&format!(
                 "  <description>{}</description>\n",
-                escape_text(d)
+                escape_text_libvirt(d)
             ));
         }
         if let Some(state) = &self.state {
-            x.push_str(&format!("  <state>{}</state>\n", escape_text(state)));
+            x.push_str(&format!(
+                "  <state>{}</state>\n",
+                escape_text_libvirt(state)
+            ));
         }
         if let Some(parent) = &self.parent {
             x.push_str(&format!(
                 "  <parent>\n    <name>{}</name>\n  </parent>\n",
-                escape_text(parent)
+                escape_text_libvirt(parent)
             ));
         }
         if let Some(t) = self.creation_time {
@@ -607,6 +610,24 @@ impl SnapshotDoc {
         x.push_str("</domainsnapshot>\n");
         x
     }
+}
+
+/// Escapes element text as libvirt does (`virBufferEscapeString`: both quotes too), keeping a
+/// carriage return as a reference so that it survives reading back.
+fn escape_text_libvirt(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            '\r' => out.push_str("&#13;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Indents every line of a `<domain>` document by two spaces, after removing a leading XML

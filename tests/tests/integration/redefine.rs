@@ -558,6 +558,19 @@ async fn redefine_own_checkpoints_from_their_export_restores_ram() {
     env.client.ok(["delete", "own", "x1", "--metadata-only"]);
     env.client.ok(["delete", "own", "i1", "--metadata-only"]);
     assert!(listing(&env, "own").is_empty());
+    // As if from another host: the embedded domain has another name and no UUID. The
+    // snapshot still belongs to this domain, and a revert keeps its name and UUID.
+    let uuid = env.client.json(["domain", "info", "own"])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let i1 = i1
+        .replace("<name>own</name>", "<name>elsewhere</name>")
+        .replace(&format!("<uuid>{uuid}</uuid>"), "");
+    assert!(
+        !i1.contains(&uuid) && i1.contains("<name>elsewhere</name>"),
+        "{i1}"
+    );
     let i1_file = env.write_xml("i1", &i1);
     let x1_file = env.write_xml("x1", &x1);
     env.client
@@ -577,6 +590,9 @@ async fn redefine_own_checkpoints_from_their_export_restores_ram() {
     // Each reverts to its own RAM.
     env.client.ok(["revert", "own", "i1", "--paused"]);
     assert_eq!(counter(&env, "own"), saved1, "internal VM state");
+    let info = env.client.json(["domain", "info", "own"]);
+    assert_eq!(info["uuid"], uuid.as_str(), "{info}");
+    assert_eq!(info["name"], "own", "{info}");
     env.client.ok(["revert", "own", "x1", "--paused"]);
     assert_eq!(counter(&env, "own"), saved2, "external VM state");
     env.client.ok(["domain", "destroy", "own"]);
