@@ -266,9 +266,11 @@ impl DomainIface {
         &self,
         xml: String,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
         #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
+        authorize(&header, Action::Create).await?;
         let opts = Options::parse("RedefineSnapshot", options, &[option::CURRENT])?;
         let current = opts.bool(option::CURRENT)?.unwrap_or(false);
         let doc = crate::snapshot::xml::SnapshotDoc::parse(&xml)
@@ -386,8 +388,10 @@ impl DomainIface {
         &self,
         settings: HashMap<String, OwnedVariant>,
         options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(), Error> {
+        authorize(&header, Action::Manage).await?;
         super::retention::set_schedule(&self.service, &self.handle, settings, options)?;
         let _ = self.schedule_changed(&emitter).await;
         Ok(())

@@ -311,6 +311,7 @@ pub(super) async fn prune(
     server: &ObjectServer,
     emitter: SignalEmitter<'_>,
 ) -> Result<Vec<String>, Error> {
+    super::auth::authorize(header, super::auth::Action::Prune).await?;
     let opts = Options::parse("Prune", options, &[key::DRY_RUN, key::INCLUDE_MANUAL])?;
     let dry_run = opts.bool(key::DRY_RUN)?.unwrap_or(false);
     let include_manual = opts.bool(key::INCLUDE_MANUAL)?.unwrap_or(false);
@@ -336,6 +337,7 @@ pub(super) async fn prune(
         handle.id().0,
         &header.sender().map(|s| s.to_string()).unwrap_or_default(),
     );
+    super::auth::record_owner(&job, header).await;
     let j = job.clone();
     let handle = handle.clone();
     let server2 = server.clone();

@@ -377,7 +377,16 @@ impl SnapshotIface {
 
     // The setter of `Protected` (its documentation is the getter's).
     #[zbus(property)]
-    async fn set_protected(&self, value: bool) -> Result<(), Error> {
+    async fn set_protected(
+        &self,
+        value: bool,
+        #[zbus(header)] header: Option<Header<'_>>,
+    ) -> Result<(), Error> {
+        // zbus passes no header when the daemon itself sets the property: nobody to ask.
+        let header = header.ok_or_else(|| {
+            Error::NotAuthorized("setting Protected needs a caller to authorize".into())
+        })?;
+        authorize(&header, Action::Manage).await?;
         super::retention::set_protected(&self.handle, self.id, value).await
     }
 
