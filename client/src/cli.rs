@@ -312,11 +312,18 @@ pub struct ScheduleArgs {
 #[derive(Subcommand, Debug)]
 pub enum ScheduleCommand {
     /// Show a domain's schedule settings.
+    #[command(
+        after_help = "Examples:\n  vmsnap schedule show web1\n  vmsnap schedule show web1 --json"
+    )]
     Show {
         /// Domain name.
         domain: String,
     },
     /// Change a domain's schedule settings (options not given keep their value).
+    #[command(after_help = "Examples:
+  vmsnap schedule set web1 --keep-hourly 24 --keep-daily 7 --max-age 30d
+  vmsnap schedule set web1 --kind checkpoint --prefix hourly
+  vmsnap schedule set web1 --reset --keep-last 3")]
     Set {
         /// Domain name.
         domain: String,
@@ -334,6 +341,9 @@ pub enum ScheduleCommand {
         policy: PolicyArgs,
     },
     /// Take a scheduled snapshot, then prune by the stored policy.
+    #[command(after_help = "Examples:
+  vmsnap schedule run web1        # what vmsnap-snapshot@web1.service runs
+  systemctl enable --now vmsnap-snapshot@web1.timer")]
     Run {
         /// Domain name.
         domain: String,

@@ -8,7 +8,7 @@
 //!   methods and their actions.
 //! - The caller is the unix user the bus daemon reports for the message's sender
 //!   (`org.freedesktop.DBus.GetConnectionUnixUser`). Nothing the caller sends counts.
-//! - Allowed are: uid 0; members of the admin group (`--admin-group`, default `vmsnap`),
+//! - Allowed are: uid 0 and the daemon's own user (a session daemon's owner); members of the admin group (`--admin-group`, default `vmsnap`),
 //!   primary or supplementary, as the system's group database says; and callers polkit
 //!   authorizes for the action's id (`org.vmsnap.VmSnap1.create` ...), when polkit is on the bus.
 //!   The group does not suffice for [`ROOT_EQUIVALENT`] methods (a monitor command or a foreign
@@ -148,7 +148,7 @@ pub fn action_of(interface: &str, member: &str) -> Option<Action> {
 /// Why a caller was let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Grant {
-    /// uid 0.
+    /// uid 0, or the user the daemon runs as.
     Root,
     /// A member of the admin group.
     Group,
@@ -206,6 +206,12 @@ fn refused(action: Action, uid: u32) -> Error {
     ))
 }
 
+/// Whether `uid` may do anything: root, or the user the daemon runs as (the desktop user who
+/// owns a `vmsnapd --session` and its session bus; on the system bus that is root again).
+fn privileged(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
 /// Lets the method call `header` through for `action`, or refuses it with
 /// `Error.NotAuthorized`. Call it first thing in every mutating method.
 pub async fn authorize(header: &Header<'_>, action: Action) -> Result<Caller, Error> {
@@ -213,7 +219,7 @@ pub async fn authorize(header: &Header<'_>, action: Action) -> Result<Caller, Er
     let auth = current()?;
     let sender = sender(header)?;
     let uid = auth.uid_of(&sender).await?;
-    if uid == 0 {
+    if privileged(uid) {
         return Ok(Caller {
             uid,
             grant: Grant::Root,
@@ -245,7 +251,7 @@ pub async fn authorize_cancel(header: &Header<'_>, job: &Job) -> Result<Caller, 
     let auth = current()?;
     let sender = sender(header)?;
     let uid = auth.uid_of(&sender).await?;
-    if uid == 0 {
+    if privileged(uid) {
         return Ok(Caller {
             uid,
             grant: Grant::Root,

@@ -84,7 +84,10 @@ pub fn accel_from_env() -> Option<Accel> {
         "tcg" => Some(Accel::Tcg),
         "kvm:tcg" => Some(Accel::KvmOrTcg),
         other => {
-            tracing::warn!(value = other, "{ACCEL_ENV} is not kvm, tcg or kvm:tcg; ignored");
+            tracing::warn!(
+                value = other,
+                "{ACCEL_ENV} is not kvm, tcg or kvm:tcg; ignored"
+            );
             None
         }
     }

@@ -21,6 +21,7 @@ const READ_ONLY: &[(&str, &str)] = &[
     (DOMAIN_INTERFACE, "GetXml"),
     (DOMAIN_INTERFACE, "ListSnapshots"),
     (DOMAIN_INTERFACE, "FindSnapshot"),
+    (DOMAIN_INTERFACE, "Check"),
     (SNAPSHOT_INTERFACE, "GetXml"),
 ];
 

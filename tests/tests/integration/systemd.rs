@@ -20,7 +20,9 @@ const EXPOSURE_BOUND: f64 = 1.5;
 
 /// Where the container's tests keep guest images: under /var, which the daemon's sandbox
 /// leaves writable.
-const IMAGES: &str = "/var/lib/vmsnap-images";
+/// Where the tests put guest images: the system daemon's default storage directory
+/// (`STATE_DIR/images`), the one place it accepts images without `--storage-dir`.
+const IMAGES: &str = "/var/lib/vmsnap/images";
 
 const DAEMON_UNIT: &str = "vmsnapd.service";
 
@@ -482,7 +484,8 @@ fn vmsnapd_session_is_bus_activated_and_keeps_guest_across_restart() {
         USER,
     ]);
     sb.exec_ok(&["systemctl", "start", &format!("user@{USER_ID}.service")]);
-    let images = format!("/home/{USER}/images");
+    // The session daemon's default storage directory: `$XDG_STATE_HOME/vmsnap/images`.
+    let images = format!("/home/{USER}/.local/state/vmsnap/images");
     in_session(&sb, &["mkdir", "-p", &images]);
     let disk = format!("{images}/s1.qcow2");
     counter_boot_qcow2(&sb.path(&disk));
