@@ -9,4 +9,5 @@ mod introspection;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
+mod stress;
 mod tree;
