@@ -571,6 +571,53 @@ impl Catalog {
         })
     }
 
+    /// [`begin_operation`](Self::begin_operation) and
+    /// [`insert_pending_snapshot`](Self::insert_pending_snapshot) in one transaction (one
+    /// fsync instead of two): the journal row and the pending record exist together or not
+    /// at all.
+    pub fn begin_operation_with_pending_snapshot(
+        &mut self,
+        kind: &str,
+        payload: &Value,
+        s: &NewSnapshot,
+    ) -> Result<(OperationId, SnapshotRecord), CatalogError> {
+        let payload = payload.to_string();
+        let started_at = now();
+        self.transaction(|tx| {
+            domain_exists(tx, s.domain_id)?;
+            tx.prepare_cached(
+                "INSERT INTO operations (domain_id, kind, step, payload, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute((s.domain_id, kind, OPERATION_STARTED, &payload, started_at))?;
+            let op = OperationId(tx.last_insert_rowid());
+            let rec = insert_snapshot(tx, s, SnapshotStatus::Pending)?;
+            Ok((op, rec))
+        })
+    }
+
+    /// The end of a create in one transaction: the domain's new definition `xml`, the
+    /// snapshot committed and made current, and operation `op` removed from the journal.
+    pub fn commit_snapshot_and_finish(
+        &mut self,
+        id: SnapshotId,
+        xml: &str,
+        op: OperationId,
+    ) -> Result<(), CatalogError> {
+        self.transaction(|tx| {
+            let (domain, _) = snapshot_owner_status(tx, id)?;
+            // Committed first: the catalog's triggers only let a committed snapshot be current.
+            tx.prepare_cached("UPDATE snapshots SET status = 'committed' WHERE id = ?1")?
+                .execute([id])?;
+            tx.prepare_cached("UPDATE domains SET xml = ?2, current_snapshot = ?3 WHERE id = ?1")?
+                .execute((domain, xml, id))?;
+            let n = tx
+                .prepare_cached("DELETE FROM operations WHERE id = ?1")?
+                .execute([op])?;
+            expect_one(n, || format!("operation {op}"))
+        })
+    }
+
     /// Records that an operation reached `step`, replacing its payload.
     pub fn set_operation_step(
         &mut self,

@@ -710,3 +710,61 @@ fn redefined_snapshot_keeps_parts_until_deleted() {
         .unwrap();
     assert_eq!(left, 0);
 }
+
+#[test]
+fn create_in_two_transactions_journals_then_commits_atomically() {
+    let mut cat = Catalog::open_in_memory().unwrap();
+    let d = cat.insert_domain(&new_domain("web")).unwrap().id;
+    let (op, rec) = cat
+        .begin_operation_with_pending_snapshot(
+            "create-snapshot",
+            &json!({"name": "s1"}),
+            &new_snapshot(d, "s1", None),
+        )
+        .unwrap();
+    assert_eq!(rec.status, SnapshotStatus::Pending);
+    assert_eq!(cat.pending_operations().unwrap()[0].id, op);
+    assert_eq!(cat.domain(d).unwrap().current_snapshot, None);
+
+    // A clashing name adds neither the journal row nor the record.
+    assert!(matches!(
+        cat.begin_operation_with_pending_snapshot(
+            "create-snapshot",
+            &json!({}),
+            &new_snapshot(d, "s1", None)
+        ),
+        Err(CatalogError::AlreadyExists(_))
+    ));
+    assert_eq!(cat.pending_operations().unwrap().len(), 1);
+
+    cat.commit_snapshot_and_finish(rec.id, "<domain/>", op)
+        .unwrap();
+    let dom = cat.domain(d).unwrap();
+    assert_eq!(
+        (dom.current_snapshot, dom.xml.as_str()),
+        (Some(rec.id), "<domain/>")
+    );
+    assert_eq!(
+        cat.snapshot(rec.id).unwrap().status,
+        SnapshotStatus::Committed
+    );
+    assert!(cat.pending_operations().unwrap().is_empty());
+
+    // Finishing an unknown operation changes nothing, the commit included.
+    let (op2, rec2) = cat
+        .begin_operation_with_pending_snapshot(
+            "create-snapshot",
+            &json!({}),
+            &new_snapshot(d, "s2", Some(rec.id)),
+        )
+        .unwrap();
+    assert!(
+        cat.commit_snapshot_and_finish(rec2.id, "<x/>", OperationId(op2.0 + 100))
+            .is_err()
+    );
+    assert_eq!(
+        cat.snapshot(rec2.id).unwrap().status,
+        SnapshotStatus::Pending
+    );
+    assert_eq!(cat.domain(d).unwrap().current_snapshot, Some(rec.id));
+}

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use super::auth::{self, Action, authorize};
 use super::job::run_job;
 use super::options::Options;
-use super::snapshot::sync_snapshots;
+use super::snapshot::{SnapshotsSeen, serve_snapshot, sync_seen};
 use super::wire_error;
 use crate::domain::actor::{DEFAULT_SHUTDOWN_TIMEOUT, DomainHandle, DomainInfo};
 use crate::domain::def::DiskDef;
@@ -284,10 +284,9 @@ impl DomainIface {
             .redefine_snapshot(doc, current)
             .await
             .map_err(wire_error)?;
-        let info = self.handle.info();
         // Serve the new object before anyone hears of it.
-        sync_snapshots(server, &self.service, &self.handle, None, &info).await;
-        let p = obj(snapshot_path(info.id.0, id.0));
+        serve_snapshot(server, &self.service, &self.handle, id).await;
+        let p = obj(snapshot_path(self.handle.id().0, id.0));
         let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
         Ok(p)
     }
@@ -593,10 +592,9 @@ impl DomainIface {
                 // Still under the operation slot, so no prune can see it unprotected.
                 handle.set_protected(id, true).await?;
             }
-            let info = handle.info();
             // Serve the new object before anyone hears of it.
-            sync_snapshots(&server2, &service, &handle, None, &info).await;
-            let p = obj(snapshot_path(info.id.0, id.0));
+            serve_snapshot(&server2, &service, &handle, id).await;
+            let p = obj(snapshot_path(handle.id().0, id.0));
             let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
             Ok(p)
         })
@@ -626,15 +624,18 @@ pub async fn register_domain(
             },
         )
         .await?;
-    let initial = watch.borrow_and_update().clone();
-    sync_snapshots(server, service, &handle, None, &initial).await;
+    let mut last = watch.borrow_and_update().clone();
+    let mut seen: Option<SnapshotsSeen> =
+        Some(sync_seen(server, service, &handle, None, &last).await);
+    // `last` keeps what the domain's own properties compare with; the snapshots are compared
+    // through `seen`, and holding the map here would make every change copy all records.
+    last.snapshots = Arc::default();
     let server = server.clone();
     let service = service.clone();
     let p = path.clone();
     tokio::spawn(async move {
-        let mut last = initial;
         while watch.changed().await.is_ok() {
-            let now = watch.borrow_and_update().clone();
+            let mut now = watch.borrow_and_update().clone();
             let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else {
                 break;
             };
@@ -654,7 +655,8 @@ pub async fn register_domain(
                 let _ = i.name_changed(e).await;
             }
             drop(i);
-            sync_snapshots(&server, &service, &handle, Some(&last), &now).await;
+            seen = Some(sync_seen(&server, &service, &handle, seen.take(), &now).await);
+            now.snapshots = Arc::default();
             last = now;
         }
     });

@@ -1,8 +1,16 @@
 //! `org.vmsnap.VmSnap1.Snapshot` objects, one per snapshot record, kept in step with the
 //! domain's snapshot map.
+//!
+//! The objects hold no copy of their record: every property reads the domain's shared
+//! information in place (`DomainHandle::with_info`), and `Children` comes from the domain's
+//! children index, so reading all properties of all n objects (as `GetManagedObjects` and the
+//! `InterfacesAdded` signals do) costs O(n), not O(n²). Announcing changes compares a
+//! [`SnapshotsSeen`] summary with the new map, so no old version of the map is kept alive
+//! (which would make every change copy all records).
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use vmsnap_dbus::names::option;
@@ -19,8 +27,8 @@ use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{NO_OBJECT, domain_path, snapshot_path};
 use zbus::{ObjectServer, OwnedObjectPath, interface};
 
-use crate::catalog::{SnapshotId, SnapshotRecord};
-use crate::domain::actor::{DomainHandle, DomainInfo};
+use crate::catalog::{SnapshotId, SnapshotRecord, SnapshotStatus};
+use crate::domain::actor::{DomainHandle, DomainInfo, children_index};
 use crate::snapshot::record;
 
 /// How long a computed `SizeOnDisk` is reused, so that a front end listing many snapshots
@@ -41,22 +49,12 @@ fn obj(s: String) -> OwnedObjectPath {
 }
 
 impl SnapshotIface {
-    fn record(&self) -> Option<SnapshotRecord> {
-        self.handle.info().snapshots.get(&self.id).cloned()
-    }
-
+    /// `f` of the record, read in place; the default when the record is gone.
     fn field<T: Default>(&self, f: impl FnOnce(&SnapshotRecord) -> T) -> T {
-        self.record().as_ref().map(f).unwrap_or_default()
+        self.handle
+            .with_info(|i| i.snapshots.get(&self.id).map(f))
+            .unwrap_or_default()
     }
-}
-
-/// The children of `id` in `info`, in id order.
-fn children(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
-    info.snapshots
-        .values()
-        .filter(|s| s.parent == Some(id))
-        .map(|s| s.id)
-        .collect()
 }
 
 #[interface(name = "org.vmsnap.VmSnap1.Snapshot")]
@@ -118,12 +116,11 @@ impl SnapshotIface {
             if delete_children {
                 // The RFC's alternative to branching: the target's descendants go first.
                 for child in descendants_post_order(&handle.info(), id) {
-                    let before = handle.info();
+                    let before = SnapshotsSeen::of(&handle.info());
                     handle
                         .delete_snapshot(child, false, Some(j.clone()))
                         .await?;
-                    sync_snapshots(&server2, &service, &handle, Some(&before), &handle.info())
-                        .await;
+                    sync_seen(&server2, &service, &handle, Some(before), &handle.info()).await;
                 }
             }
             handle.revert(id, running, force).await?;
@@ -200,12 +197,13 @@ impl SnapshotIface {
                 victims.push(id);
             }
             for victim in victims {
-                let before = handle.info();
+                // A summary, not a copy of the information: a copy would share the snapshot
+                // map and make the actor's change copy every record.
+                let before = SnapshotsSeen::of(&handle.info());
                 handle
                     .delete_snapshot(victim, metadata_only, Some(j.clone()))
                     .await?;
-                let now = handle.info();
-                sync_snapshots(&server2, &service, &handle, Some(&before), &now).await;
+                sync_seen(&server2, &service, &handle, Some(before), &handle.info()).await;
             }
             let p = obj(snapshot_path(handle.id().0, id.0));
             if let Ok(iface) = server2
@@ -233,20 +231,21 @@ impl SnapshotIface {
     /// the domain's definition at the time embedded, and every part of a redefined document
     /// that vmsnap keeps without acting on it (`domain`, `inactiveDomain`, `cookie`, …).
     async fn get_xml(&self) -> Result<String, Error> {
-        let info = self.handle.info();
-        let rec = info
-            .snapshots
-            .get(&self.id)
-            .ok_or_else(|| Error::NoSuchSnapshot(format!("snapshot {} is gone", self.id)))?;
-        let parent = rec
-            .parent
-            .and_then(|p| info.snapshots.get(&p))
-            .map(|p| p.name.as_str());
         let parts = self
             .service
             .snapshot_xml_parts(self.id)
             .map_err(wire_error)?;
-        Ok(record::to_xml(rec, parent, &parts))
+        self.handle.with_info(|info| {
+            let rec = info
+                .snapshots
+                .get(&self.id)
+                .ok_or_else(|| Error::NoSuchSnapshot(format!("snapshot {} is gone", self.id)))?;
+            let parent = rec
+                .parent
+                .and_then(|p| info.snapshots.get(&p))
+                .map(|p| p.name.as_str());
+            Ok(record::to_xml(rec, parent, &parts))
+        })
     }
 
     /// The snapshot's name, unique within its domain.
@@ -337,10 +336,11 @@ impl SnapshotIface {
     /// The child snapshots.
     #[zbus(property)]
     async fn children(&self) -> Vec<OwnedObjectPath> {
-        let info = self.handle.info();
-        children(&info, self.id)
+        let d = self.handle.id().0;
+        self.handle
+            .children_of(self.id)
             .into_iter()
-            .map(|c| obj(snapshot_path(info.id.0, c.0)))
+            .map(|c| obj(snapshot_path(d, c.0)))
             .collect()
     }
 
@@ -365,7 +365,8 @@ impl SnapshotIface {
     /// Whether this is the domain's current snapshot (the parent of the next one).
     #[zbus(property)]
     async fn is_current(&self) -> bool {
-        self.handle.info().current_snapshot == Some(self.id)
+        self.handle
+            .with_info(|i| i.current_snapshot == Some(self.id))
     }
 
     /// Whether `Domain.Prune` must leave this snapshot alone. Writable with
@@ -398,8 +399,93 @@ impl SnapshotIface {
     }
 }
 
+/// What the change announcements compare the next version of a domain's snapshot map with:
+/// per snapshot the fields with a property that announces its changes (long texts as hashes),
+/// its children and whether it is current, plus the version of the map it was taken from.
+pub struct SnapshotsSeen {
+    source: Weak<BTreeMap<SnapshotId, SnapshotRecord>>,
+    current: Option<SnapshotId>,
+    entries: BTreeMap<SnapshotId, Seen>,
+    children: HashMap<SnapshotId, Vec<SnapshotId>>,
+}
+
+/// One snapshot as [`SnapshotsSeen`] remembers it.
+#[derive(PartialEq)]
+struct Seen {
+    parent: Option<SnapshotId>,
+    status: SnapshotStatus,
+    protected: bool,
+    description: u64,
+    disks: u64,
+    origin: u64,
+}
+
+impl Seen {
+    fn of(r: &SnapshotRecord) -> Self {
+        Self {
+            parent: r.parent,
+            status: r.status,
+            protected: r.protected,
+            description: hash_of(|h| r.description.hash(h)),
+            disks: hash_of(|h| hash_json(&r.disks, h)),
+            origin: hash_of(|h| r.origin.hash(h)),
+        }
+    }
+}
+
+impl SnapshotsSeen {
+    /// The summary of `info`'s snapshots.
+    pub fn of(info: &DomainInfo) -> Self {
+        Self {
+            source: Arc::downgrade(&info.snapshots),
+            current: info.current_snapshot,
+            entries: info
+                .snapshots
+                .iter()
+                .map(|(id, r)| (*id, Seen::of(r)))
+                .collect(),
+            children: children_index(&info.snapshots),
+        }
+    }
+
+    /// Whether `info` holds the very map this summary was taken from.
+    fn same_map(&self, info: &DomainInfo) -> bool {
+        std::ptr::eq(self.source.as_ptr(), Arc::as_ptr(&info.snapshots))
+    }
+}
+
+fn hash_of(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    f(&mut h);
+    h.finish()
+}
+
+/// Feeds a JSON value to `h` (serde_json's `Value` does not implement `Hash`).
+fn hash_json(v: &serde_json::Value, h: &mut impl Hasher) {
+    use serde_json::Value;
+    match v {
+        Value::Null => 0u8.hash(h),
+        Value::Bool(b) => (1u8, b).hash(h),
+        Value::Number(n) => (2u8, n.as_i64(), n.as_u64(), n.as_f64().map(f64::to_bits)).hash(h),
+        Value::String(s) => (3u8, s).hash(h),
+        Value::Array(a) => {
+            (4u8, a.len()).hash(h);
+            a.iter().for_each(|x| hash_json(x, h));
+        }
+        Value::Object(o) => {
+            (5u8, o.len()).hash(h);
+            for (k, x) in o {
+                k.hash(h);
+                hash_json(x, h);
+            }
+        }
+    }
+}
+
 /// Brings the served snapshot objects of a domain in line with `now`, announcing the
-/// properties that changed since `last`.
+/// properties that changed since `last`. For callers holding two versions of the information;
+/// the daemon's own callers keep a [`SnapshotsSeen`] instead (see [`sync_seen`]).
+#[allow(dead_code)]
 pub async fn sync_snapshots(
     server: &ObjectServer,
     service: &Arc<Service>,
@@ -407,43 +493,82 @@ pub async fn sync_snapshots(
     last: Option<&DomainInfo>,
     now: &DomainInfo,
 ) {
+    let last = last.map(SnapshotsSeen::of);
+    sync_seen(server, service, handle, last, now).await;
+}
+
+/// Serves the object of snapshot `id` (nothing if it is served already).
+pub async fn serve_snapshot(
+    server: &ObjectServer,
+    service: &Arc<Service>,
+    handle: &DomainHandle,
+    id: SnapshotId,
+) {
+    let path = snapshot_path(handle.id().0, id.0);
+    let iface = SnapshotIface {
+        service: service.clone(),
+        handle: handle.clone(),
+        id,
+        size_cache: Mutex::new(None),
+    };
+    // `at` leaves an object that is served already alone.
+    if let Err(e) = server.at(path.as_str(), iface).await {
+        tracing::warn!(path, error = %e, "could not serve a snapshot object");
+    }
+}
+
+/// [`sync_snapshots`] from a summary: serves the new objects, removes the gone ones and
+/// announces the changed properties of the others; returns the summary of `now` for the next
+/// call. Costs O(n) per call, and O(1) objects touched when one snapshot changed.
+pub async fn sync_seen(
+    server: &ObjectServer,
+    service: &Arc<Service>,
+    handle: &DomainHandle,
+    last: Option<SnapshotsSeen>,
+    now: &DomainInfo,
+) -> SnapshotsSeen {
     let d = now.id.0;
-    let before: BTreeSet<SnapshotId> = last
-        .map(|l| l.snapshots.keys().copied().collect())
-        .unwrap_or_default();
-    let after: BTreeSet<SnapshotId> = now.snapshots.keys().copied().collect();
-    for gone in before.difference(&after) {
+    let mut last = last;
+    if let Some(mut last) = last.take_if(|l| l.same_map(now)) {
+        // No record changed; only "current" may have moved.
+        if last.current != now.current_snapshot {
+            for id in [last.current, now.current_snapshot].into_iter().flatten() {
+                if let Ok(iface) = server
+                    .interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str())
+                    .await
+                {
+                    let _ = iface
+                        .get()
+                        .await
+                        .is_current_changed(iface.signal_emitter())
+                        .await;
+                }
+            }
+            last.current = now.current_snapshot;
+        }
+        return last;
+    }
+    let seen = SnapshotsSeen::of(now);
+    let empty = BTreeMap::new();
+    let before = last.as_ref().map_or(&empty, |l| &l.entries);
+    for gone in before.keys().filter(|id| !seen.entries.contains_key(id)) {
         let _ = server
             .remove::<SnapshotIface, _>(snapshot_path(d, gone.0).as_str())
             .await;
     }
-    for new in &after {
-        let path = snapshot_path(d, new.0);
-        if server
-            .interface::<_, SnapshotIface>(path.as_str())
-            .await
-            .is_err()
-            && let Err(e) = server
-                .at(
-                    path.as_str(),
-                    SnapshotIface {
-                        service: service.clone(),
-                        handle: handle.clone(),
-                        id: *new,
-                        size_cache: Mutex::new(None),
-                    },
-                )
-                .await
-        {
-            tracing::warn!(path, error = %e, "could not serve a snapshot object");
-        }
+    for new in seen.entries.keys().filter(|id| !before.contains_key(id)) {
+        serve_snapshot(server, service, handle, *new).await;
     }
-    let Some(last) = last else { return };
-    for id in before.intersection(&after) {
-        let (old, new) = (&last.snapshots[id], &now.snapshots[id]);
-        let was_current = last.current_snapshot == Some(*id);
+    let Some(last) = last else { return seen };
+    let no_children = Vec::new();
+    for (id, new) in &seen.entries {
+        let Some(old) = last.entries.get(id) else {
+            continue;
+        };
+        let was_current = last.current == Some(*id);
         let is_current = now.current_snapshot == Some(*id);
-        let children_changed = children(last, *id) != children(now, *id);
+        let children_changed = last.children.get(id).unwrap_or(&no_children)
+            != seen.children.get(id).unwrap_or(&no_children);
         if old == new && was_current == is_current && !children_changed {
             continue;
         }
@@ -474,16 +599,30 @@ pub async fn sync_snapshots(
         if old.status != new.status {
             let _ = i.status_changed(e).await;
         }
+        if old.protected != new.protected {
+            let _ = i.protected_changed(e).await;
+        }
+        if old.origin != new.origin {
+            let _ = i.origin_changed(e).await;
+        }
     }
+    seen
 }
 
 /// The descendants of `id`, children after their own children (leaves first).
 fn descendants_post_order(info: &DomainInfo, id: SnapshotId) -> Vec<SnapshotId> {
-    let mut out = Vec::new();
-    for c in children(info, id) {
-        out.extend(descendants_post_order(info, c));
-        out.push(c);
+    fn walk(
+        index: &HashMap<SnapshotId, Vec<SnapshotId>>,
+        id: SnapshotId,
+        out: &mut Vec<SnapshotId>,
+    ) {
+        for &c in index.get(&id).map_or(&[][..], Vec::as_slice) {
+            walk(index, c, out);
+            out.push(c);
+        }
     }
+    let mut out = Vec::new();
+    walk(&children_index(&info.snapshots), id, &mut out);
     out
 }
 

@@ -157,6 +157,34 @@ pub struct DomainHandle {
     tx: mpsc::Sender<Request>,
     info: watch::Receiver<DomainInfo>,
     busy: Arc<std::sync::atomic::AtomicBool>,
+    children: Arc<Mutex<ChildIndex>>,
+}
+
+/// The children of every snapshot of a domain, derived from one version of its snapshot map
+/// and rebuilt only when the map is replaced, so that reading `Children` of each of n
+/// snapshots costs O(n) in all rather than O(n²).
+///
+/// It holds the map it was built from weakly: a strong reference would make the actor's next
+/// `Arc::make_mut` copy every record. The weak pointer also keeps the allocation's address
+/// from being reused, so pointer equality means "the same version of the map".
+#[derive(Default)]
+struct ChildIndex {
+    source: std::sync::Weak<BTreeMap<SnapshotId, SnapshotRecord>>,
+    children: std::collections::HashMap<SnapshotId, Vec<SnapshotId>>,
+}
+
+/// The children of every snapshot in `snapshots` that has any, each list in id order.
+pub fn children_index(
+    snapshots: &BTreeMap<SnapshotId, SnapshotRecord>,
+) -> std::collections::HashMap<SnapshotId, Vec<SnapshotId>> {
+    let mut out: std::collections::HashMap<SnapshotId, Vec<SnapshotId>> =
+        std::collections::HashMap::new();
+    for s in snapshots.values() {
+        if let Some(p) = s.parent {
+            out.entry(p).or_default().push(s.id);
+        }
+    }
+    out
 }
 
 /// Holds a domain's snapshot-operation slot; released on drop.
@@ -204,6 +232,24 @@ impl DomainHandle {
     /// The current information.
     pub fn info(&self) -> DomainInfo {
         self.info.borrow().clone()
+    }
+
+    /// Runs `f` on the current information without copying it (keep `f` short: the actor
+    /// waits for it before publishing a change).
+    pub fn with_info<R>(&self, f: impl FnOnce(&DomainInfo) -> R) -> R {
+        f(&self.info.borrow())
+    }
+
+    /// The children of snapshot `id`, in id order, from an index rebuilt only when the
+    /// domain's snapshot map changed.
+    pub fn children_of(&self, id: SnapshotId) -> Vec<SnapshotId> {
+        let info = self.info.borrow();
+        let mut index = self.children.lock().expect("children index lock poisoned");
+        if !std::ptr::eq(index.source.as_ptr(), Arc::as_ptr(&info.snapshots)) {
+            index.children = children_index(&info.snapshots);
+            index.source = Arc::downgrade(&info.snapshots);
+        }
+        index.children.get(&id).cloned().unwrap_or_default()
     }
 
     /// The domain's name.
@@ -517,6 +563,7 @@ pub async fn spawn(
         tx,
         info: info_rx,
         busy: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        children: Arc::default(),
     }
 }
 
@@ -1441,6 +1488,10 @@ impl Actor {
             }
         };
         let id = rec.id;
+        // Our copy of the information shares the snapshot map: let it go first, or the
+        // insertion below would copy every record.
+        drop(names);
+        drop(info);
         self.info.send_modify(|i| {
             i.def = plan.def_after.clone();
             i.current_snapshot = Some(id);

@@ -193,38 +193,24 @@ impl Actor {
     }
 
     /// Checks that every image a snapshot needs is still there and holds its tag.
-    async fn check_internal_tags(
-        &self,
+    /// Checks that every image holding an internal snapshot of `rec` still has its tag, from
+    /// the `qemu-img info` output [`check_revert_files`](Self::check_revert_files) already read
+    /// (one process per disk, not two).
+    fn check_internal_tag(
         rec: &SnapshotRecord,
-        disks: &[DiskRecord],
+        d: &DiskRecord,
+        chain: &serde_json::Value,
     ) -> ServiceResult<()> {
-        for d in disks {
-            let out = qemu_img(&[
-                "info".as_ref(),
-                "-U".as_ref(),
-                "--output=json".as_ref(),
-                d.image.as_os_str(),
-            ])
-            .await
-            .map_err(|_| {
-                ServiceError::InvalidState(format!(
-                    "snapshot {:?} needs {}, which cannot be read",
-                    rec.name,
-                    d.image.display()
-                ))
-            })?;
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-            let has = v["snapshots"].as_array().is_some_and(|a| {
-                a.iter()
-                    .any(|s| s["name"].as_str() == Some(rec.name.as_str()))
-            });
-            if !has {
-                return Err(ServiceError::InvalidState(format!(
-                    "snapshot {:?} is missing from {}",
-                    rec.name,
-                    d.image.display()
-                )));
-            }
+        let has = chain[0]["snapshots"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|s| s["name"].as_str() == Some(rec.name.as_str()))
+        });
+        if !has {
+            return Err(ServiceError::InvalidState(format!(
+                "snapshot {:?} is missing from {}",
+                rec.name,
+                d.image.display()
+            )));
         }
         Ok(())
     }
@@ -312,7 +298,6 @@ impl Actor {
             .filter(|d| d.mode == "internal")
             .cloned()
             .collect();
-        self.check_internal_tags(&rec, &disks).await?;
         self.check_revert_files(&rec, &all_disks).await?;
         let snap_def = DomainDef::from_xml(&rec.domain_xml).map_err(|e| {
             ServiceError::InvalidState(format!(
@@ -502,6 +487,9 @@ impl Actor {
                     d.data_file().display(),
                     d.format
                 )));
+            }
+            if d.mode == "internal" {
+                Self::check_internal_tag(rec, d, &chain)?;
             }
         }
         let mem = record::memory(rec);
@@ -775,21 +763,38 @@ impl Actor {
             }
             self.journal_step(journal::DELETE_MERGED, json!({}));
         }
+        let mut changed = Vec::new();
         if !moved.is_empty() {
-            self.retarget_records(id, &moved)?;
+            changed = self.retarget_records(id, &moved)?;
         }
+        // Only the records the delete touched are read back (the re-parented children and
+        // the retargeted ones), not the whole domain: a delete stays O(changed) in SQLite.
+        changed.extend(
+            self.info
+                .borrow()
+                .snapshots
+                .values()
+                .filter(|r| r.parent == Some(id))
+                .map(|r| r.id),
+        );
         let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         cat.delete_snapshot(id)?;
         drop(cat);
         self.journal_step(journal::DELETE_UNCATALOGED, json!({}));
         let cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         let current = cat.domain(self.id())?.current_snapshot;
-        let mut snaps = cat.snapshots(self.id())?;
+        let reread = changed
+            .iter()
+            .map(|c| cat.snapshot(*c))
+            .collect::<Result<Vec<_>, _>>()?;
         drop(cat);
-        let map = snaps.drain(..).map(|s| (s.id, s)).collect();
         self.info.send_modify(|i| {
             i.current_snapshot = current;
-            i.snapshots = Arc::new(map);
+            let map = Arc::make_mut(&mut i.snapshots);
+            map.remove(&id);
+            for r in reread {
+                map.insert(r.id, r);
+            }
         });
         if let Some(f) = memory_file
             && let Err(e) = std::fs::remove_file(&f)
@@ -1287,13 +1292,14 @@ impl Actor {
     }
 
     /// Points every record and the definition that named a merged-away file at the file that
-    /// now holds its data.
+    /// now holds its data; returns the ids of the records it changed.
     fn retarget_records(
         &self,
         deleted: SnapshotId,
         moved: &[(PathBuf, PathBuf, String)],
-    ) -> ServiceResult<()> {
+    ) -> ServiceResult<Vec<SnapshotId>> {
         let info = self.info.borrow().clone();
+        let mut retargeted = Vec::new();
         let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         for r in info.snapshots.values().filter(|r| r.id != deleted) {
             let mut disks = r.disks.clone();
@@ -1311,6 +1317,7 @@ impl Actor {
                 let mut r2 = r.clone();
                 r2.disks = disks;
                 cat.update_snapshot(&r2)?;
+                retargeted.push(r.id);
             }
         }
         drop(cat);
@@ -1329,7 +1336,7 @@ impl Actor {
             self.persist_def(&def)?;
             self.info.send_modify(|i| i.def = def);
         }
-        Ok(())
+        Ok(retargeted)
     }
 }
 

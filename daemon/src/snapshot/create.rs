@@ -347,11 +347,10 @@ async fn run(
         .flatten()
         .chain(plan.memory_file.as_ref())
         .collect();
-    let op = catalog
+    let (op, rec) = catalog
         .lock()
         .expect("catalog lock poisoned")
-        .begin_operation(
-            domain,
+        .begin_operation_with_pending_snapshot(
             crate::journal::KIND_CREATE,
             &json!({
                 "name": plan.name,
@@ -360,25 +359,22 @@ async fn run(
                 "live": live,
                 "def_after": plan.def_after.to_xml(),
             }),
+            &NewSnapshot {
+                domain_id: domain,
+                name: plan.name.clone(),
+                description: plan.description.clone(),
+                created_at: now_unix,
+                state: plan.state.as_str().to_string(),
+                kind: plan.kind.as_str().to_string(),
+                parent,
+                domain_xml: plan.def_before.to_xml(),
+                memory: memory_json(plan),
+                disks: disks_json(plan),
+                origin: origin.to_string(),
+                protected: false,
+            },
         )?;
     undo.operation = Some(op);
-    let rec = catalog
-        .lock()
-        .expect("catalog lock poisoned")
-        .insert_pending_snapshot(&NewSnapshot {
-            domain_id: domain,
-            name: plan.name.clone(),
-            description: plan.description.clone(),
-            created_at: now_unix,
-            state: plan.state.as_str().to_string(),
-            kind: plan.kind.as_str().to_string(),
-            parent,
-            domain_xml: plan.def_before.to_xml(),
-            memory: memory_json(plan),
-            disks: disks_json(plan),
-            origin: origin.to_string(),
-            protected: false,
-        })?;
     undo.record = Some(rec.id);
     crate::journal::step(
         catalog,
@@ -393,24 +389,13 @@ async fn run(
     }
     job.set_phase("commit");
     job.set_cancelable(false);
-    {
+    let rec = {
         let mut cat = catalog.lock().expect("catalog lock poisoned");
-        cat.transaction(|tx| {
-            tx.execute(
-                "UPDATE domains SET xml = ?1 WHERE id = ?2",
-                rusqlite::params![plan.def_after.to_xml(), domain.0],
-            )?;
-            Ok(())
-        })?;
-        cat.commit_snapshot(rec.id, true)?;
-        cat.finish_operation(op)?;
-    }
+        cat.commit_snapshot_and_finish(rec.id, &plan.def_after.to_xml(), op)?;
+        cat.snapshot(rec.id)?
+    };
     undo.record = None;
     undo.operation = None;
-    let rec = catalog
-        .lock()
-        .expect("catalog lock poisoned")
-        .snapshot(rec.id)?;
     info!(snapshot = %plan.name, kind = plan.kind.as_str(), memory = plan.memory.as_str(), "snapshot created");
     Ok(rec)
 }

@@ -16,6 +16,7 @@ mod retention;
 mod revert_delete;
 mod snapshot_faults;
 mod snapshots;
+mod stress;
 mod surface;
 mod systemd;
 mod tree;

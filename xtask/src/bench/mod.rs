@@ -6,6 +6,7 @@
 //! real QEMU) drives exactly what was built. The full run writes `BENCHMARKS.md` in the
 //! workspace root and prints it; the smoke run (tiny counts, no 1 GiB guest) only prints.
 //! Method and caveats are written into the report itself (see [`report`]).
+//! `VMSNAP_BENCH_ONLY=catalog` runs only the catalog scale and prints it (for profiling).
 
 mod catalog;
 mod guest;
@@ -124,6 +125,13 @@ pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
 pub fn bench_run(root: &Path, args: &[String]) -> Result<()> {
     let settings = Settings::new(args.iter().any(|a| a == "--smoke"));
     let started = Instant::now();
+    if std::env::var("VMSNAP_BENCH_ONLY").as_deref() == Ok("catalog") {
+        // For profiling the catalog side alone: measure and print, write nothing.
+        for scale in catalog::run(&settings)? {
+            println!("{scale:?}");
+        }
+        return Ok(());
+    }
     let facts = report::machine_facts()?;
     eprintln!("bench: operations ({} repetitions each)", settings.reps);
     let ops = ops::run(&settings)?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use vmsnap_dbus::proxy::{DomainProxy, ManagerProxy, SnapshotProxy};
 use vmsnap_tests::guest::disk_target;
@@ -169,8 +169,8 @@ pub fn run(settings: &Settings) -> Result<OpsReport> {
     Ok(OpsReport { rows, notes })
 }
 
-/// External disk-only snapshots of two disks, then popping the floor's layers again with
-/// active `block-commit` (the floor of deleting an external leaf, which the daemon refuses).
+/// External disk-only snapshots of two disks, then deleting them again leaf by leaf (the
+/// daemon) and popping the floor's layers with active `block-commit` (the floor).
 fn external_disk_only(ctx: &Ctx<'_>) -> Result<(Row, Row)> {
     let n = ctx.settings.reps;
     let dir = ctx.images();
@@ -248,28 +248,30 @@ fn external_disk_only(ctx: &Ctx<'_>) -> Result<(Row, Row)> {
         target: 1.5,
     };
 
-    // Deleting an external leaf: the daemon refuses it today; check that it says so.
-    let snap = ctx.snapshot(last_snapshot.context("no snapshot")?)?;
-    let refused = block(async { Ok(snap.delete(HashMap::new()).await) })?;
-    let dbus_cell = match refused {
-        Err(vmsnap_dbus::Error::Unsupported(_)) => Cell::Text("not supported yet".into()),
-        Err(e) => bail!("deleting an external snapshot failed unexpectedly: {e}"),
-        Ok(_) => bail!("the daemon deleted an external snapshot: update the benchmark"),
-    };
-    let out = ctx
-        .env
-        .client
-        .run(["delete", "ext", &format!("cx{}", n - 1)]);
-    ensure!(
-        out.code() == 8,
-        "vmsnap delete of an external snapshot: exit {} ({})",
-        out.code(),
-        out.stderr
-    );
-
+    // Deleting an external leaf: the daemon merges the leaf's overlay into its image by an
+    // active `block-commit` of both disks. The chain is dx0, cx0, dx1, cx1, ...: the client
+    // deletes cx{i} (then the leaf), D-Bus deletes dx{i} (the leaf after that), interleaved
+    // with the floor's commits.
+    let mut paths = HashMap::new();
+    for p in block(async { Ok(domain.list_snapshots().await?) })? {
+        let s = ctx.snapshot(p.clone())?;
+        let name = block(async { Ok(s.name().await?) })?;
+        paths.insert(name, p);
+    }
+    ensure!(last_snapshot.is_some(), "no snapshot was created");
+    let (mut dbus_del, mut client_del) = (Vec::new(), Vec::new());
     // Floor: active commit of each disk's top overlay into the layer below, both disks at once.
     let mut floor_del = Vec::new();
     for i in (0..n).rev() {
+        client_del.push(ctx.client(&["delete", "ext", &format!("cx{i}")]));
+        let snap = ctx.snapshot(
+            paths
+                .get(&format!("dx{i}"))
+                .context("a D-Bus snapshot is not listed")?
+                .clone(),
+        )?;
+        let (d, _) = timed(|| block(async { Ok(snap.delete(HashMap::new()).await?) }))?;
+        dbus_del.push(d);
         let (f, _) = timed(|| {
             let jobs: Vec<String> = targets.iter().map(|t| format!("commit-{t}-{i}")).collect();
             for (job, stack) in jobs.iter().zip(&nodes) {
@@ -302,8 +304,8 @@ fn external_disk_only(ctx: &Ctx<'_>) -> Result<(Row, Row)> {
     let del_ext = Row {
         operation: "delete an external leaf (2 disks)".into(),
         reps: n,
-        dbus: dbus_cell,
-        client: Cell::Text("not supported yet".into()),
+        dbus: Cell::of(&dbus_del),
+        client: Cell::of(&client_del),
         floor: Cell::of(&floor_del),
         target: 1.5,
     };

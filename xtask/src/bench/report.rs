@@ -194,7 +194,7 @@ pub fn render(
            concluded + `job-dismiss`; revert = `stop` + `snapshot-load` job + `cont`; delete \
            internal = `snapshot-delete` job; delete an external leaf = active `block-commit` \
            of both disks' top overlays into the layer below + `job-complete` (the daemon \
-           refuses this today with `Error.Unsupported`, which the benchmark checks); external \
+           deletes the current leaf snapshot of the same chain, client and D-Bus in turn); external \
            checkpoint = `stop` + `getfd` (the file passed with SCM_RIGHTS) + `migrate fd:` \
            until the `MIGRATION` event says completed + `cont`, with `max-bandwidth` unlimited \
            as the daemon sets it.\n\

@@ -48,7 +48,7 @@ pub struct Row {
     pub target: f64,
 }
 
-/// A measured median, a text in place of one, or nothing.
+/// A measured median, or nothing.
 #[derive(Debug, Clone, Default)]
 pub enum Cell {
     /// Not measured.
@@ -56,8 +56,6 @@ pub enum Cell {
     None,
     /// A median.
     Time(Duration),
-    /// Why there is no number.
-    Text(String),
 }
 
 impl Cell {
@@ -77,7 +75,6 @@ impl Cell {
         match self {
             Cell::None => "–".into(),
             Cell::Time(d) => fmt(*d),
-            Cell::Text(t) => t.clone(),
         }
     }
 }
