@@ -61,6 +61,20 @@ fn same_hardware(a: &DomainDef, b: &DomainDef) -> bool {
         && disks(a) == disks(b)
 }
 
+/// Whether `path` is named like the files [`fresh_overlay_path`] makes:
+/// `STEM.TAG.branchN.qcow2`.
+fn is_revert_overlay(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let mut parts = name.rsplit('.');
+    parts.next() == Some("qcow2")
+        && parts
+            .next()
+            .and_then(|b| b.strip_prefix("branch"))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()))
+}
+
 /// A new overlay path beside `base`, named after the snapshot, that does not exist yet.
 fn fresh_overlay_path(base: &Path, snapshot: &str) -> ServiceResult<PathBuf> {
     let dir = base.parent().unwrap_or(Path::new("/"));
@@ -222,7 +236,11 @@ impl Actor {
     ) -> ServiceResult<()> {
         let op = self.journal(journal::KIND_REVERT, id)?;
         self.journal_step(journal::REVERT_STARTED, json!({"running": running}));
+        let old_def = self.info.borrow().def.clone();
         let r = self.revert_inner(id, running).await;
+        if r.is_ok() {
+            self.remove_abandoned_overlays(&old_def);
+        }
         self.journal_done(op);
         r
     }
@@ -592,6 +610,48 @@ impl Actor {
         self.info.send_modify(|i| i.current_snapshot = Some(rec.id));
         info!(domain = %name, snapshot = %rec.name, "reverted on new overlays");
         Ok(())
+    }
+
+    /// After a revert: removes the overlays and private copies of earlier reverts that the domain ran on
+    /// until now and that nothing needs any more. What they held is the state the revert
+    /// discarded. Only files a revert made (`*.branchN.qcow2`, see [`fresh_overlay_path`])
+    /// qualify, and only when no snapshot names them (as its image, its overlay or a disk of
+    /// its configuration) and the new configuration does not use them. A failure to remove one
+    /// is logged: the revert itself is done.
+    fn remove_abandoned_overlays(&self, old_def: &DomainDef) {
+        let abandoned: Vec<PathBuf> = {
+            let info = self.info.borrow();
+            let mut needed: std::collections::HashSet<PathBuf> =
+                info.def.disks.iter().map(|d| d.source.clone()).collect();
+            for rec in info.snapshots.values() {
+                for d in record::disks(rec) {
+                    needed.extend(d.overlay.clone());
+                    needed.extend(d.snapshot_file.clone());
+                    needed.insert(d.image);
+                }
+                match DomainDef::from_xml(&rec.domain_xml) {
+                    Ok(def) => needed.extend(def.disks.iter().map(|d| d.source.clone())),
+                    // Unreadable: keep every candidate rather than guess.
+                    Err(_) => return,
+                }
+            }
+            old_def
+                .disks
+                .iter()
+                .map(|d| d.source.clone())
+                .filter(|p| is_revert_overlay(p) && !needed.contains(p))
+                .collect()
+        };
+        for p in abandoned {
+            match std::fs::remove_file(&p) {
+                Ok(()) => info!(file = %p.display(), "removed the overlay an earlier revert made"),
+                Err(e) => tracing::warn!(
+                    file = %p.display(),
+                    error = %e,
+                    "could not remove the overlay an earlier revert made"
+                ),
+            }
+        }
     }
 
     async fn branch_steps(
@@ -1426,4 +1486,25 @@ async fn backing_of(file: &Path) -> ServiceResult<Option<(PathBuf, String)>> {
         .unwrap_or("raw")
         .to_string();
     Ok(Some((PathBuf::from(b), fmt)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revert_overlay_names_are_recognised_and_nothing_else() {
+        assert!(is_revert_overlay(Path::new("/i/web.s1.branch1.qcow2")));
+        assert!(is_revert_overlay(Path::new("/i/web.a.b.branch12.qcow2")));
+        for other in [
+            "/i/web.qcow2",
+            "/i/web.s1.qcow2",
+            "/i/web.s1.branch.qcow2",
+            "/i/web.s1.branchx.qcow2",
+            "/i/web.s1.branch1.raw",
+            "/i/branch1.qcow2.bak",
+        ] {
+            assert!(!is_revert_overlay(Path::new(other)), "{other}");
+        }
+    }
 }

@@ -693,3 +693,33 @@ async fn revert_to_snapshot_with_altered_image_is_refused_before_any_work() {
         "no overlay was made"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revert_again_removes_the_previous_branch_overlay_unless_a_snapshot_needs_it() {
+    let env = TestEnv::start();
+    let (_a, b) = setup(&env, "ab");
+    env.client
+        .ok(["create", "ab", "--name", "s1", "--disk-only"]);
+    let o1 = source(&env, "ab", "vdb");
+    env.client.ok(["revert", "ab", "s1"]);
+    let n1 = source(&env, "ab", "vdb");
+    assert!(n1.exists() && n1 != o1);
+    // Reverting again discards the first branch's state: its overlay goes.
+    env.client.ok(["revert", "ab", "s1"]);
+    let n2 = source(&env, "ab", "vdb");
+    assert_ne!(n2, n1);
+    assert!(
+        !n1.exists(),
+        "the abandoned overlay {} is removed",
+        n1.display()
+    );
+    assert!(n2.exists() && o1.exists() && b.exists(), "s1's files stay");
+    // A snapshot taken on the branch needs its overlay: a later revert keeps it.
+    env.client
+        .ok(["create", "ab", "--name", "s2", "--disk-only"]);
+    env.client.ok(["revert", "ab", "s1"]);
+    assert!(n2.exists(), "s2's image {} stays", n2.display());
+    env.client.ok(["revert", "ab", "s2"]);
+    env.client.ok(["revert", "ab", "s1"]);
+    assert!(n2.exists() && o1.exists() && b.exists());
+}
