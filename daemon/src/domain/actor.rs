@@ -1211,7 +1211,7 @@ impl Actor {
         let deadline = Instant::now() + QEMU_START_TIMEOUT;
         let connected = tokio::select! {
             r = Qmp::connect(&paths.qmp_socket, deadline) => r.map_err(ServiceError::qemu(format!("domain {name:?}: QEMU's QMP socket did not answer"))),
-            _ = launch::unit_gone(conn, &unit) => {
+            _ = launch::unit_ended_after_start(conn, &unit) => {
                 let tail = self.log_tail().unwrap_or_default();
                 Err(ServiceError::Qemu {
                     context: format!("domain {name:?}: QEMU exited during start (unit {unit})"),

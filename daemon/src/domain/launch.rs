@@ -251,9 +251,10 @@ fn system_sandbox(caps: u64) -> Vec<(&'static str, Variant<'static>)> {
     ]
 }
 
-/// Whether `unit` is loaded and not inactive or failed (a collected unit is not loaded).
-pub async fn unit_alive(conn: &Connection, unit: &str) -> bool {
-    let path = match conn
+/// The `ActiveState` of `unit` (`active`, `activating`, `failed`, ...), or `None` when systemd
+/// does not know it (not loaded yet, or collected after it ended).
+async fn unit_state(conn: &Connection, unit: &str) -> Option<String> {
+    let reply = conn
         .call_method(
             Some(SYSTEMD_BUS_NAME),
             SYSTEMD_PATH,
@@ -262,16 +263,33 @@ pub async fn unit_alive(conn: &Connection, unit: &str) -> bool {
             &(unit,),
         )
         .await
-    {
-        Ok(reply) => match reply.body().deserialize::<OwnedObjectPath>() {
-            Ok(p) => p,
-            Err(_) => return false,
-        },
-        Err(_) => return false,
-    };
-    match get_property(conn, path.as_str(), UNIT_IFACE, "ActiveState").await {
-        Ok(state) => !matches!(state.as_str(), "inactive" | "failed"),
-        Err(_) => false,
+        .ok()?;
+    let path = reply.body().deserialize::<OwnedObjectPath>().ok()?;
+    get_property(conn, path.as_str(), UNIT_IFACE, "ActiveState")
+        .await
+        .ok()
+}
+
+/// Whether `unit` is loaded and neither inactive nor failed.
+pub async fn unit_alive(conn: &Connection, unit: &str) -> bool {
+    unit_state(conn, unit)
+        .await
+        .is_some_and(|s| !matches!(s.as_str(), "inactive" | "failed"))
+}
+
+/// Returns once a `unit` that was just started has ended: its QEMU exited during start.
+/// `StartTransientUnit` returns when the start job is queued, so a unit that systemd has not
+/// loaded or started yet does not count as ended; one that failed does.
+pub async fn unit_ended_after_start(conn: &Connection, unit: &str) {
+    let mut seen_running = false;
+    loop {
+        match unit_state(conn, unit).await.as_deref() {
+            Some("failed") => return,
+            Some("inactive") | None if seen_running => return,
+            Some("inactive") | None => {}
+            Some(_) => seen_running = true,
+        }
+        tokio::time::sleep(UNIT_POLL_INTERVAL).await;
     }
 }
 
