@@ -3,6 +3,7 @@
 //! in chains mixing external disk-only and internal snapshots), `vmsnap schedule run`, the
 //! `Protected` and `Origin` properties, and refusals of bad policies that change nothing.
 
+use super::revert_delete::hmp;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -42,10 +43,6 @@ async fn domain(env: &TestEnv, conn: &zbus::Connection) -> DomainProxy<'static> 
         .build()
         .await
         .unwrap()
-}
-
-fn hmp(env: &TestEnv, dom: &str, cmd: &str) -> String {
-    env.client.ok(["domain", "monitor", dom, "--hmp", cmd])
 }
 
 fn state(env: &TestEnv, dom: &str) -> String {

@@ -1,6 +1,7 @@
 //! Revert and delete of internal snapshots through the real daemon, bus, QEMU and client: in
 //! place without a new QEMU, with the configuration rolled back, and the tree kept in order.
-//! Snapshots with external files are refused for now and change nothing.
+//! External snapshots revert on new overlays (branches) and delete by merging; a few helpers
+//! here (`hmp`, `top_node`, `source`) are shared with the other integration modules.
 
 use std::path::{Path, PathBuf};
 
@@ -28,7 +29,8 @@ fn setup(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
-fn hmp(env: &TestEnv, dom: &str, cmd: &str) -> String {
+/// An HMP command through the daemon's monitor passthrough.
+pub(crate) fn hmp(env: &TestEnv, dom: &str, cmd: &str) -> String {
     env.client.ok(["domain", "monitor", dom, "--hmp", cmd])
 }
 
@@ -344,7 +346,7 @@ async fn delete_with_branches_while_running_streams_into_every_branch() {
 }
 
 /// The top block node serving `target` in the running guest.
-fn top_node(env: &TestEnv, dom: &str, target: &str) -> String {
+pub(crate) fn top_node(env: &TestEnv, dom: &str, target: &str) -> String {
     let v = env
         .client
         .json(["domain", "monitor", dom, r#"{"execute":"query-block"}"#]);
@@ -364,7 +366,7 @@ fn top_node(env: &TestEnv, dom: &str, target: &str) -> String {
 }
 
 /// The source of `target` in the domain's definition.
-fn source(env: &TestEnv, dom: &str, target: &str) -> PathBuf {
+pub(crate) fn source(env: &TestEnv, dom: &str, target: &str) -> PathBuf {
     let v = env.client.json(["domain", "info", dom]);
     let d = v["disks"]
         .as_array()

@@ -11,6 +11,7 @@
 //! the same domain: those races end in `Busy` (counted, expected) or, for a delete of a
 //! snapshot someone else deleted first, in `NoSuchSnapshot`.
 
+use super::revert_delete::{hmp, source, top_node};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -53,29 +54,6 @@ fn setup(env: &TestEnv, name: &str) -> PathBuf {
     b
 }
 
-fn hmp(env: &TestEnv, dom: &str, cmd: &str) -> String {
-    env.client.ok(["domain", "monitor", dom, "--hmp", cmd])
-}
-
-fn top_node(env: &TestEnv, dom: &str, target: &str) -> String {
-    let v = env
-        .client
-        .json(["domain", "monitor", dom, r#"{"execute":"query-block"}"#]);
-    v.as_array()
-        .unwrap()
-        .iter()
-        .find(|x| {
-            x["qdev"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("/{target}/"))
-        })
-        .unwrap()["inserted"]["node-name"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 /// Runs a `qemu-io` command on vdb's active node; a delete committing the top overlay away
 /// concurrently can rename that node, so the node is looked up again on such a failure.
 fn qemu_io_vdb(env: &TestEnv, dom: &str, cmd: &str) -> String {
@@ -87,18 +65,6 @@ fn qemu_io_vdb(env: &TestEnv, dom: &str, cmd: &str) -> String {
             return out;
         }
     }
-}
-
-fn source(env: &TestEnv, dom: &str, target: &str) -> PathBuf {
-    let v = env.client.json(["domain", "info", dom]);
-    let d = v["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["target"] == target)
-        .unwrap()
-        .clone();
-    PathBuf::from(d["file"].as_str().unwrap())
 }
 
 fn names(env: &TestEnv, dom: &str) -> BTreeSet<String> {
