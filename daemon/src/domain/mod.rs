@@ -4,6 +4,7 @@
 pub mod actor;
 pub mod def;
 pub mod launch;
+pub mod nodes;
 pub mod qemu_cmd;
 pub mod recover;
 mod redefine;

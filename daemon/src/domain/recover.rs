@@ -588,39 +588,18 @@ impl Actor {
     /// Deletes internal tag `rec.name` from `image`: through QEMU when the running guest holds
     /// it, with `qemu-img` otherwise.
     async fn delete_tag_anyhow(&self, rec: &SnapshotRecord, image: &Path, target: &str) {
-        let node = match (&self.qmp, self.state().is_active()) {
-            (Some(q), true) => q.query_named_block_nodes().await.ok().and_then(|nodes| {
-                nodes
-                    .into_iter()
-                    .find(|n| n.drv != "file" && Path::new(&n.file) == image)
-                    .map(|n| n.node_name)
-            }),
-            _ => None,
-        };
-        let r = match (node, self.qmp.clone()) {
-            (Some(node), Some(q)) => {
+        let live = match (self.qmp.clone(), self.state().is_active()) {
+            (Some(q), true) => {
                 let job_id = format!("vmsnap-recover-{}-{target}", rec.id.0);
-                let mut events = q.subscribe();
-                match q
-                    .execute(
-                        "snapshot-delete",
-                        Some(json!({"job-id": job_id, "tag": rec.name, "devices": [node]})),
-                    )
-                    .await
-                {
-                    Ok(_) => {
-                        crate::snapshot::create::wait_job_concluded(
-                            &q,
-                            &mut events,
-                            &job_id,
-                            "removing an unfinished snapshot's tag",
-                        )
-                        .await
-                    }
-                    Err(e) => Err(ServiceError::qemu("cannot remove a tag")(e)),
-                }
+                let what = "removing an unfinished snapshot's tag";
+                super::nodes::delete_tag_live(&q, image, &rec.name, &job_id, what).await
             }
-            _ => qemu_img(&[
+            _ => Ok(false),
+        };
+        let r = match live {
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+            Ok(false) => qemu_img(&[
                 "snapshot".as_ref(),
                 "-d".as_ref(),
                 rec.name.as_ref(),

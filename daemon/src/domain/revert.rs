@@ -887,32 +887,21 @@ impl Actor {
                 return Ok(());
             }
         }
-        let in_use = match (&self.qmp, self.state().is_active()) {
-            (Some(q), true) => node_of_file(q, &d.image).await.ok(),
-            _ => None,
-        };
-        match (in_use, self.qmp.clone()) {
-            (Some(node), Some(qmp)) => {
-                let job_id = format!("vmsnap-del-{}-{}", rec.id.0, d.target);
-                let mut events = qmp.subscribe();
-                qmp.execute(
-                    "snapshot-delete",
-                    Some(json!({"job-id": job_id, "tag": rec.name, "devices": [node]})),
-                )
-                .await
-                .map_err(ServiceError::qemu("cannot delete the internal snapshot"))?;
-                wait_job_concluded(&qmp, &mut events, &job_id, "deleting the internal snapshot")
-                    .await
+        if let (Some(qmp), true) = (&self.qmp, self.state().is_active()) {
+            let job_id = format!("vmsnap-del-{}-{}", rec.id.0, d.target);
+            let what = "deleting the internal snapshot";
+            if super::nodes::delete_tag_live(qmp, &d.image, &rec.name, &job_id, what).await? {
+                return Ok(());
             }
-            _ => qemu_img(&[
-                "snapshot".as_ref(),
-                "-d".as_ref(),
-                rec.name.as_ref(),
-                d.image.as_os_str(),
-            ])
-            .await
-            .map(|_| ()),
         }
+        qemu_img(&[
+            "snapshot".as_ref(),
+            "-d".as_ref(),
+            rec.name.as_ref(),
+            d.image.as_os_str(),
+        ])
+        .await
+        .map(|_| ())
     }
 
     /// Every image file the domain knows of: its snapshots' files and its active disks.

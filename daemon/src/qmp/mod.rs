@@ -49,7 +49,8 @@ use tokio::time::Instant;
 
 pub use error::QmpError;
 pub use types::{
-    BlockDeviceInfo, BlockInfo, Event, ImageInfo, JobInfo, QemuVersion, SnapshotInfo, StatusInfo,
+    BlockDeviceInfo, BlockGraph, BlockGraphEdge, BlockGraphNode, BlockInfo, Event, ImageInfo,
+    JobInfo, QemuVersion, SnapshotInfo, StatusInfo,
 };
 use wire::{Incoming, LineReader};
 
@@ -356,6 +357,18 @@ impl Qmp {
     /// `blockdev-add` with the given arguments (a `BlockdevOptions` object).
     pub async fn blockdev_add(&self, args: Value) -> Result<(), QmpError> {
         self.execute_unit("blockdev-add", Some(args)).await
+    }
+
+    /// `x-debug-query-block-graph`: the node graph with its edges (QEMU 4.0 and later).
+    pub async fn query_block_graph(&self) -> Result<BlockGraph, QmpError> {
+        self.execute_typed("x-debug-query-block-graph", None).await
+    }
+
+    /// `blockdev-reopen` of the given nodes (full `BlockdevOptions` each: options left out
+    /// return to their defaults, children must be named).
+    pub async fn blockdev_reopen(&self, options: Vec<Value>) -> Result<(), QmpError> {
+        self.execute_unit("blockdev-reopen", Some(json!({ "options": options })))
+            .await
     }
 
     /// `blockdev-del`: removes a node that is no longer in use.

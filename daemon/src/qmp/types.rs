@@ -169,3 +169,37 @@ pub struct JobInfo {
     #[serde(default)]
     pub error: Option<String>,
 }
+
+/// The reply of `x-debug-query-block-graph`: every block node, backend and job, and the
+/// parent-child edges between them. The only way QMP names a node's children (`file`,
+/// `backing`), which `blockdev-reopen` must repeat.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockGraph {
+    /// The vertices.
+    pub nodes: Vec<BlockGraphNode>,
+    /// The edges, parent to child.
+    pub edges: Vec<BlockGraphEdge>,
+}
+
+/// One vertex of a [`BlockGraph`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockGraphNode {
+    /// An id valid within this reply only.
+    pub id: u64,
+    /// `"block-driver"` for a node, `"block-backend"` or `"block-job"` otherwise.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The node name (auto-generated ones start with `#`); a QOM path for backends.
+    pub name: String,
+}
+
+/// One edge of a [`BlockGraph`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct BlockGraphEdge {
+    /// The parent's id.
+    pub parent: u64,
+    /// The child's id.
+    pub child: u64,
+    /// The child's role: `"file"`, `"backing"`, `"root"`, ...
+    pub name: String,
+}
