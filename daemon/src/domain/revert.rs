@@ -978,12 +978,16 @@ impl Actor {
             true => self.chain_files(&d.target).await?,
             false => Vec::new(),
         };
-        if self.resumed_merges.contains(&overlay)
-            && !chain.contains(&overlay)
-            && (chain.contains(&image) || !live)
-        {
-            // Recovery: the live merge an interrupted delete started has finished (recovery
-            // waited for its job); the overlay file may be removed already.
+        // A live merge is over when the overlay left the guest's chain; an offline one only
+        // once its overlay file is gone (it is removed after the commit and the rebases, and
+        // a `qemu-img commit` cut short is simply run again).
+        let merge_over = match live {
+            true => !chain.contains(&overlay) && chain.contains(&image),
+            false => !overlay.exists(),
+        };
+        if self.resumed_merges.contains(&overlay) && merge_over {
+            // Recovery: the merge an interrupted delete started has finished (recovery waited
+            // for a live job); the overlay file may be removed already.
             return Ok(Merge::Merged {
                 overlay,
                 image,
@@ -1239,6 +1243,10 @@ impl Actor {
                 base_fmt,
             } => {
                 let deps = self.dependents(&overlay).await?;
+                if let Some(op) = self.journal_op {
+                    // Recovery learns that this overlay's data may have moved already.
+                    journal::append(&self.shared.catalog, op, "merging", json!(overlay));
+                }
                 qemu_img(&[
                     "commit".as_ref(),
                     "-q".as_ref(),

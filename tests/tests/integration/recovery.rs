@@ -788,3 +788,65 @@ async fn recovery_disk_full_during_memory_save_leaves_nothing_and_guest_runs() {
     assert_runs(&env, dom, "after the full disk");
     drop(small);
 }
+
+/// Deletes whose data goes elsewhere by the other merge kinds, killed at their merge steps: a
+/// snapshot whose image backs two branches (`block-stream` into the running one, a safe
+/// `qemu-img rebase` of the other) and, on the shut-off guest, a middle snapshot merged by
+/// `qemu-img commit`. Every one rolls forward, and the data of every branch stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_delete_streaming_and_offline_merges_crashed_roll_forward() {
+    let mut env = TestEnv::start();
+    let dom = "rm";
+    running_guest(&env, dom);
+    write_vdb(&env, dom, 0x41);
+    env.client
+        .ok(["create", dom, "--name", "s0", "--disk-only"]);
+    write_vdb(&env, dom, 0x42);
+    env.client
+        .ok(["create", dom, "--name", "s1", "--disk-only"]);
+    let old_line = sources(&env, dom)[1].clone();
+    write_vdb(&env, dom, 0x43);
+    env.client.ok(["revert", dom, "s1", "--running"]);
+    write_vdb(&env, dom, 0x44);
+
+    // s1's image backs the running branch and the old line: streamed and rebased.
+    let what = "delete of s1 (two branches) crashed at delete.merging";
+    let before = files(&env);
+    crash_at(&mut env, "delete.merging", &strings(&["delete", dom, "s1"]));
+    assert!(!names(&env, dom).contains("s1"), "{what}: rolled forward");
+    assert_consistent(&env, dom, &before, what);
+    assert_runs(&env, dom, what);
+    assert!(vdb_shows(&env, dom, 0x44), "{what}: the running branch");
+    assert!(
+        qemu_io_verify_pattern(&old_line, "qcow2", 0x43, OFF, LEN),
+        "{what}: the old line keeps its data"
+    );
+
+    // Shut off: middle snapshots merged by qemu-img commit, killed before and after.
+    env.client.ok(["domain", "destroy", dom]);
+    let mut survivors: BTreeMap<String, u8> = [("s0".to_string(), 0x41)].into();
+    for (i, step) in ["delete.tags", "delete.merged"].iter().enumerate() {
+        let (mid, last) = (format!("m{i}"), format!("l{i}"));
+        let (p_mid, p_last) = (0x51 + 2 * i as u8, 0x52 + 2 * i as u8);
+        let what = format!("offline delete of {mid} crashed at {step}");
+        vmsnap_tests::qemu_io_write_pattern(&sources(&env, dom)[1], "qcow2", p_mid, OFF, LEN);
+        env.client
+            .ok(["create", dom, "--name", &mid, "--disk-only"]);
+        vmsnap_tests::qemu_io_write_pattern(&sources(&env, dom)[1], "qcow2", p_last, OFF, LEN);
+        env.client
+            .ok(["create", dom, "--name", &last, "--disk-only"]);
+        let before = files(&env);
+        crash_at(&mut env, step, &strings(&["delete", dom, &mid]));
+        assert!(!names(&env, dom).contains(&mid), "{what}: rolled forward");
+        assert!(names(&env, dom).contains(&last), "{what}");
+        assert_consistent(&env, dom, &before, &what);
+        assert_eq!(
+            env.client.json(["domain", "info", dom])["state"],
+            "shutoff",
+            "{what}"
+        );
+        survivors.insert(last, p_last);
+    }
+    env.client.ok(["domain", "start", dom]);
+    revert_each(&env, dom, &survivors);
+}
