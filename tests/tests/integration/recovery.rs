@@ -5,7 +5,9 @@
 //! After each restart: no pending record, every record's files exist with their chains and
 //! tags, no file in the images directory that nothing references, `vmsnap check` is clean, the
 //! guest runs, and the expected decision (forward or back) was taken. At the end of each test
-//! every surviving snapshot is reverted to and shows its own data. Also: QEMU killed or quit
+//! every surviving snapshot is reverted to and shows its own data. The merge kinds of a delete
+//! (live commit, streaming into branches, offline commit) and both revert paths (in place, and
+//! replacing QEMU for another configuration) are crashed at their steps. Also: QEMU killed or quit
 //! during an external VM state save, the disk full during the save, and a snapshot file
 //! deleted behind the daemon's back.
 
@@ -849,4 +851,62 @@ async fn recovery_delete_streaming_and_offline_merges_crashed_roll_forward() {
     }
     env.client.ok(["domain", "start", dom]);
     revert_each(&env, dom, &survivors);
+}
+
+/// A revert to an internal checkpoint whose configuration differs from the running guest's
+/// (a disk attached since) replaces the guest's QEMU (`--force`): killed at each of its steps,
+/// it rolls forward to the snapshot's configuration, data and RAM, or back before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_revert_replacing_qemu_crashed_rolls_forward_or_back() {
+    let mut env = TestEnv::start();
+    let dom = "rq";
+    running_guest(&env, dom);
+    write_vdb(&env, dom, 0x61);
+    env.client.ok(["create", dom, "--name", "ib"]);
+    let extra = env.images_dir().join("extra.raw");
+    vmsnap_tests::qemu_img_create(&extra, "raw", "8M");
+    let disk = env.write_xml(
+        "disk.xml",
+        &vmsnap_tests::DiskSpec::new(&extra, "raw", "sdb").xml(),
+    );
+    // (step, current afterwards)
+    let cases: &[(&str, Option<&str>)] = &[
+        ("revert.started", None),
+        ("revert.destroyed", Some("ib")),
+        ("revert.defined", Some("ib")),
+        ("revert.loaded", Some("ib")),
+    ];
+    for (i, (step, current)) in cases.iter().enumerate() {
+        let what = format!("revert to ib replacing QEMU crashed at {step}");
+        env.client
+            .ok(["domain", "attach-disk", dom, disk.to_str().unwrap()]);
+        let pattern = 0x70 + i as u8;
+        write_vdb(&env, dom, pattern);
+        let files = files(&env);
+        crash_at(
+            &mut env,
+            step,
+            &strings(&["revert", dom, "ib", "--force", "--running"]),
+        );
+        assert_consistent(&env, dom, &files, &what);
+        assert_runs(&env, dom, &what);
+        let xml = env.client.ok(["domain", "dumpxml", dom]);
+        match current {
+            Some(c) => {
+                let info = env.client.json(["domain", "info", dom]);
+                assert_eq!(info["current_snapshot"], *c, "{what}: rolled forward");
+                assert!(vdb_shows(&env, dom, 0x61), "{what}: the snapshot's data");
+                assert!(!xml.contains("extra.raw"), "{what}: its configuration");
+            }
+            None => {
+                assert!(vdb_shows(&env, dom, pattern), "{what}: the data as it was");
+                assert!(
+                    xml.contains("extra.raw"),
+                    "{what}: the configuration as it was"
+                );
+                env.client.ok(["domain", "detach-disk", dom, "sdb"]);
+            }
+        }
+    }
+    revert_each(&env, dom, &[("ib".to_string(), 0x61)].into());
 }
