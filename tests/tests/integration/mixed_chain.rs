@@ -6,45 +6,23 @@
 
 use std::path::Path;
 
-use super::revert_delete::{hmp, source};
-use vmsnap_tests::{
-    COUNTER_ADDR, Deadline, DiskSpec, TestEnv, counter_boot_qcow2, domain_xml, poll_until,
-    qemu_img_create, qemu_img_snapshots, qemu_io_verify_pattern,
-};
+use super::revert_delete::source;
+use crate::snapshots::Dom;
+use vmsnap_tests::{Deadline, TestEnv, poll_until, qemu_img_snapshots, qemu_io_verify_pattern};
 
 const OFF: u64 = 512 * 1024;
 
 fn setup(env: &TestEnv, name: &str) {
-    let a = env.images_dir().join("vda.qcow2");
-    counter_boot_qcow2(&a);
-    let b = env.images_dir().join("vdb.qcow2");
-    qemu_img_create(&b, "qcow2", "16M");
-    let xml = domain_xml(
-        name,
-        &[
-            DiskSpec::new(&a, "qcow2", "vda"),
-            DiskSpec::new(&b, "qcow2", "vdb"),
-        ],
-    );
-    let f = env.write_xml(&format!("{name}.xml"), &xml);
-    env.client.ok(["domain", "define", f.to_str().unwrap()]);
+    crate::snapshots::define_two_disks(env, name);
     env.client.ok(["domain", "start", name]);
 }
 
-/// Writes `pattern` at `OFF` of vdb through the guest's active node.
 fn write_vdb(env: &TestEnv, dom: &str, pattern: u8) {
-    let node = super::revert_delete::top_node(env, dom, "vdb");
-    let out = hmp(
-        env,
-        dom,
-        &format!("qemu-io {node} \"write -P 0x{pattern:02x} {OFF} 4096\""),
-    );
-    assert!(!out.contains("rror"), "{out}");
+    Dom::handle(env, dom).write("vdb", pattern, OFF, 4096);
 }
 
 fn counter(env: &TestEnv, dom: &str) -> u32 {
-    let out = hmp(env, dom, &format!("xp /1wx 0x{COUNTER_ADDR:x}"));
-    vmsnap_tests::guest::parse_xp_word(&out).unwrap()
+    Dom::handle(env, dom).counter()
 }
 
 fn tags(image: &Path) -> Vec<String> {
@@ -111,15 +89,7 @@ async fn delete_internal_below_and_above_external_overlay_removes_tags_and_keeps
         env.client.json(["domain", "info", "mx"])["state"],
         "running"
     );
-    let names: Vec<String> = env
-        .client
-        .json(["list", "mx"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(names, ["e1"]);
+    assert_eq!(Dom::handle(&env, "mx").snapshot_names(), ["e1"]);
 
     env.client.ok(["domain", "destroy", "mx"]);
     assert!(

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use vmsnap_dbus::Error;
 use vmsnap_dbus::proxy::{DomainProxy, SnapshotProxy};
 use vmsnap_tests::{
-    Deadline, DiskSpec, EventRecorder, TestEnv, counter_boot_qcow2, domain_xml, qemu_img_create,
-    qemu_img_snapshots, qemu_io_verify_pattern, qemu_io_write_pattern,
+    Deadline, EventRecorder, TestEnv, qemu_img_snapshots, qemu_io_verify_pattern,
+    qemu_io_write_pattern,
 };
 use zbus::Variant;
 
@@ -19,20 +19,7 @@ const OFF: u64 = 512 * 1024;
 
 /// Defines domain `name` with a counter boot disk (vda) and a data disk (vdb).
 fn define(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {
-    let a = env.images_dir().join("vda.qcow2");
-    counter_boot_qcow2(&a);
-    let b = env.images_dir().join("vdb.qcow2");
-    qemu_img_create(&b, "qcow2", "16M");
-    let xml = domain_xml(
-        name,
-        &[
-            DiskSpec::new(&a, "qcow2", "vda"),
-            DiskSpec::new(&b, "qcow2", "vdb"),
-        ],
-    );
-    let f = env.write_xml(&format!("{name}.xml"), &xml);
-    env.client.ok(["domain", "define", f.to_str().unwrap()]);
-    (a, b)
+    crate::snapshots::define_two_disks(env, name)
 }
 
 async fn domain(env: &TestEnv, conn: &zbus::Connection) -> DomainProxy<'static> {

@@ -6,27 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use vmsnap_tests::{
-    COUNTER_ADDR, Deadline, DiskSpec, TestEnv, counter_boot_qcow2, domain_xml, poll_until,
-    qemu_img_create, qemu_img_snapshots, qemu_io_verify_pattern,
+    COUNTER_ADDR, Deadline, DiskSpec, TestEnv, poll_until, qemu_img_create, qemu_img_snapshots,
+    qemu_io_verify_pattern,
 };
 
 const OFF: u64 = 512 * 1024;
 
 fn setup(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {
-    let a = env.images_dir().join("vda.qcow2");
-    counter_boot_qcow2(&a);
-    let b = env.images_dir().join("vdb.qcow2");
-    qemu_img_create(&b, "qcow2", "16M");
-    let xml = domain_xml(
-        name,
-        &[
-            DiskSpec::new(&a, "qcow2", "vda"),
-            DiskSpec::new(&b, "qcow2", "vdb"),
-        ],
-    );
-    let f = env.write_xml(&format!("{name}.xml"), &xml);
-    env.client.ok(["domain", "define", f.to_str().unwrap()]);
-    (a, b)
+    crate::snapshots::define_two_disks(env, name)
 }
 
 /// An HMP command through the daemon's monitor passthrough.

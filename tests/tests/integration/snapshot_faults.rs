@@ -503,14 +503,7 @@ async fn snapshot_faults_cancel_of_external_memory_save_undoes_everything() {
     })
     .await;
     assert_eq!(job.error_name().await.unwrap(), "");
-    let names: Vec<String> = d
-        .snapshots()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(names, vec!["ic".to_string()]);
+    assert_eq!(d.snapshot_names(), ["ic"]);
     assert_guest_state(&env, &d, "fcx", "running", "after the checkpoint");
 }
 

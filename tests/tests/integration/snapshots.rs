@@ -101,6 +101,16 @@ impl<'a> Dom<'a> {
         self.env.client.json(["list", &self.name])
     }
 
+    /// The names of the domain's snapshots, in the client's list order.
+    pub(crate) fn snapshot_names(&self) -> Vec<String> {
+        self.snapshots()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// The running QEMU's command line.
     fn qemu_argv(&self) -> Vec<String> {
         let pid = std::fs::read_to_string(self.env.dir().join("run/domains/1/qemu.pid")).unwrap();
@@ -173,6 +183,14 @@ pub(crate) fn two_disks(env: &TestEnv, fmt: &str) -> (PathBuf, PathBuf) {
     counter_boot_qcow2(&a);
     let b = env.images_dir().join(format!("vdb.{fmt}"));
     qemu_img_create(&b, fmt, "16M");
+    (a, b)
+}
+
+/// Defines domain `name` (64 MiB) on the disks of [`two_disks`] with a qcow2 `vdb`; returns
+/// their image files.
+pub(crate) fn define_two_disks(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {
+    let (a, b) = two_disks(env, "qcow2");
+    Dom::define(env, name, &specs(&a, &b, "qcow2"), 64);
     (a, b)
 }
 
