@@ -68,20 +68,61 @@ pub async fn prune(
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, &a.domain).await?;
     let mut o = Opts::new();
-    if a.dry_run {
-        o.insert(key::DRY_RUN, Variant::Bool(true));
-    }
     if a.include_manual {
         o.insert(key::INCLUDE_MANUAL, Variant::Bool(true));
     }
+    if a.dry_run {
+        let rows = d.plan_prune(policy_opts(&a.policy), o).await?;
+        let deleted: Vec<String> = rows
+            .iter()
+            .filter(|(_, verdict, _)| verdict == "delete")
+            .map(|(name, _, _)| name.clone())
+            .collect();
+        let plan: Vec<Value> = rows
+            .iter()
+            .map(|(name, verdict, reasons)| {
+                json!({"name": name, "verdict": verdict, "reasons": reasons})
+            })
+            .collect();
+        output::emit(
+            json_mode,
+            &json!({"domain": a.domain, "dry_run": true, "deleted": deleted, "plan": plan}),
+            || plan_table(&rows),
+        );
+        return Ok(());
+    }
     let deleted = d.prune(policy_opts(&a.policy), o).await?;
-    let verb = if a.dry_run { "Would delete" } else { "Deleted" };
     output::emit(
         json_mode,
-        &json!({"domain": a.domain, "dry_run": a.dry_run, "deleted": deleted}),
-        || format!("{verb}: {}", names_text(&deleted)),
+        &json!({"domain": a.domain, "dry_run": false, "deleted": deleted}),
+        || format!("Deleted: {}", names_text(&deleted)),
     );
     Ok(())
+}
+
+/// The human form of a dry run: one line per snapshot, oldest first, with its verdict and
+/// reasons, then the names that would go.
+fn plan_table(rows: &[(String, String, Vec<String>)]) -> String {
+    let width = rows
+        .iter()
+        .map(|(n, _, _)| n.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!("{:width$}  {:7}  REASONS\n", "NAME", "VERDICT");
+    for (name, verdict, reasons) in rows {
+        out.push_str(&format!(
+            "{name:width$}  {verdict:7}  {}\n",
+            reasons.join(",")
+        ));
+    }
+    let deleted: Vec<String> = rows
+        .iter()
+        .filter(|(_, v, _)| v == "delete")
+        .map(|(n, _, _)| n.clone())
+        .collect();
+    out.push_str(&format!("Would delete: {}", names_text(&deleted)));
+    out
 }
 
 /// `vmsnap protect` / `vmsnap unprotect`

@@ -126,6 +126,13 @@ pub trait Domain {
         policy: HashMap<&str, Variant<'_>>,
         options: HashMap<&str, Variant<'_>>,
     ) -> Result<Vec<String>, crate::Error>;
+    /// What `prune` would do to every snapshot, oldest first: (name, `delete` | `keep` |
+    /// `ignore`, reasons). Changes nothing.
+    fn plan_prune(
+        &self,
+        policy: HashMap<&str, Variant<'_>>,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> Result<Vec<(String, String, Vec<String>)>, crate::Error>;
     /// Changes the scheduled-snapshot settings (merged into the stored ones).
     fn set_schedule(
         &self,

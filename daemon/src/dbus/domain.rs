@@ -379,6 +379,20 @@ impl DomainIface {
         .await
     }
 
+    /// What `Prune` with the same policy would do, changing nothing: one row per snapshot,
+    /// oldest first, of its name, the verdict (`delete`, `keep`, or `ignore` for snapshots
+    /// that are not candidates) and the reasons: for `keep` the rules that keep it (`last`,
+    /// `hourly`, `daily`, `weekly`, `monthly`, `yearly`, `within-max-age`, `protected`,
+    /// `current`), for `ignore` `manual` (origin not `schedule` and no `include-manual`) or
+    /// `uncommitted`. Option `include-manual` (b) as for `Prune`.
+    async fn plan_prune(
+        &self,
+        policy: HashMap<String, OwnedVariant>,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<Vec<(String, String, Vec<String>)>, Error> {
+        super::retention::plan_prune(&self.service, &self.handle, policy, options)
+    }
+
     /// Changes the settings of scheduled snapshots (see `Schedule`): the given keys replace
     /// the stored ones, the others stay; option `reset` (b) starts from the defaults instead.
     /// Keys: `kind` (s: `disk-only` or `checkpoint`), `prefix` (s), and the policy keys of

@@ -291,6 +291,25 @@ fn facts(info: &DomainInfo) -> Vec<SnapshotFacts> {
         .collect()
 }
 
+/// The policy a prune uses: the given one, or the stored one when none is given.
+fn resolve_policy(
+    service: &Arc<Service>,
+    handle: &DomainHandle,
+    policy: HashMap<String, OwnedVariant>,
+) -> Result<Policy, Error> {
+    let mut policy = policy_from(&Options::parse("Prune (policy)", policy, POLICY_KEYS)?)?;
+    if policy.is_empty() {
+        policy = stored_schedule(service, handle)?.retention;
+        if policy.is_empty() {
+            return Err(invalid(format!(
+                "domain {:?} has no stored retention policy and none was given",
+                handle.name()
+            )));
+        }
+    }
+    Ok(policy)
+}
+
 /// What a prune job produced: the names it deleted.
 struct Pruned(Vec<String>);
 
@@ -315,16 +334,7 @@ pub(super) async fn prune(
     let opts = Options::parse("Prune", options, &[key::DRY_RUN, key::INCLUDE_MANUAL])?;
     let dry_run = opts.bool(key::DRY_RUN)?.unwrap_or(false);
     let include_manual = opts.bool(key::INCLUDE_MANUAL)?.unwrap_or(false);
-    let mut policy = policy_from(&Options::parse("Prune (policy)", policy, POLICY_KEYS)?)?;
-    if policy.is_empty() {
-        policy = stored_schedule(service, handle)?.retention;
-        if policy.is_empty() {
-            return Err(invalid(format!(
-                "domain {:?} has no stored retention policy and none was given",
-                handle.name()
-            )));
-        }
-    }
+    let policy = resolve_policy(service, handle, policy)?;
     let now = jiff::Timestamp::now().as_second();
     if dry_run {
         let info = handle.info();
@@ -388,6 +398,59 @@ pub(super) async fn prune(
         .await
         .map_err(|_| Error::Failed("the prune job ended without a result".into()))??;
     Ok(deleted)
+}
+
+/// One row of `Domain.PlanPrune`: name, verdict, reasons.
+pub(super) type PlanRow = (String, String, Vec<String>);
+
+/// `Domain.PlanPrune`: what `Prune` with the same policy would do to every snapshot, and why.
+pub(super) fn plan_prune(
+    service: &Arc<Service>,
+    handle: &DomainHandle,
+    policy: HashMap<String, OwnedVariant>,
+    options: HashMap<String, OwnedVariant>,
+) -> Result<Vec<PlanRow>, Error> {
+    let opts = Options::parse("PlanPrune", options, &[key::INCLUDE_MANUAL])?;
+    let include_manual = opts.bool(key::INCLUDE_MANUAL)?.unwrap_or(false);
+    let policy = resolve_policy(service, handle, policy)?;
+    let info = handle.info();
+    let facts = facts(&info);
+    let plan = retention::plan(
+        &facts,
+        &policy,
+        include_manual,
+        jiff::Timestamp::now().as_second(),
+    );
+    Ok(plan_rows(&info, &facts, &plan, include_manual))
+}
+
+/// The rows of a plan, oldest snapshot first.
+fn plan_rows(
+    info: &DomainInfo,
+    facts: &[SnapshotFacts],
+    plan: &retention::Plan,
+    include_manual: bool,
+) -> Vec<PlanRow> {
+    let mut sorted: Vec<&SnapshotFacts> = facts.iter().collect();
+    sorted.sort_by_key(|f| (f.created_at, f.id));
+    sorted
+        .into_iter()
+        .filter_map(|f| {
+            let name = info.snapshots.get(&f.id)?.name.clone();
+            let (verdict, reasons) = if plan.delete.contains(&f.id) {
+                ("delete", Vec::new())
+            } else if let Some(r) = plan.keep.get(&f.id) {
+                ("keep", r.iter().map(|r| r.as_str().to_string()).collect())
+            } else if !f.committed {
+                ("ignore", vec!["uncommitted".to_string()])
+            } else if !retention::is_candidate(f, include_manual) {
+                ("ignore", vec!["manual".to_string()])
+            } else {
+                ("ignore", Vec::new())
+            };
+            Some((name, verdict.to_string(), reasons))
+        })
+        .collect()
 }
 
 fn names(info: &DomainInfo, ids: &[SnapshotId]) -> Vec<String> {

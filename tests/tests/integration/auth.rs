@@ -22,6 +22,7 @@ const READ_ONLY: &[(&str, &str)] = &[
     (DOMAIN_INTERFACE, "ListSnapshots"),
     (DOMAIN_INTERFACE, "FindSnapshot"),
     (DOMAIN_INTERFACE, "Check"),
+    (DOMAIN_INTERFACE, "PlanPrune"),
     (SNAPSHOT_INTERFACE, "GetXml"),
 ];
 

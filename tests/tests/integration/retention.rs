@@ -189,6 +189,38 @@ async fn prune_mixed_chain_dry_run_changes_nothing_then_deletes_exactly_the_plan
     // keep-last 1 keeps s7; s5 is current, s4 protected, m3 manual: s6, s2, s1 go, the
     // deepest first.
     assert_eq!(would, names(&["s6", "s2", "s1"]));
+    // The plan with its reasons, oldest first, as `PlanPrune` and `prune --dry-run` show it.
+    let rows = d.plan_prune(policy.clone(), HashMap::new()).await.unwrap();
+    let row = |n: &str, v: &str, r: &[&str]| (n.to_string(), v.to_string(), names(r));
+    assert_eq!(
+        rows,
+        [
+            row("s1", "delete", &[]),
+            row("s2", "delete", &[]),
+            row("m3", "ignore", &["manual"]),
+            row("s4", "keep", &["protected"]),
+            row("s5", "keep", &["current"]),
+            row("s6", "delete", &[]),
+            row("s7", "keep", &["last"]),
+        ]
+    );
+    let v = env
+        .client
+        .json(["prune", "p", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(v["deleted"], serde_json::json!(["s1", "s2", "s6"]), "{v}");
+    assert_eq!(
+        v["plan"][3]["reasons"],
+        serde_json::json!(["protected"]),
+        "{v}"
+    );
+    let text = env
+        .client
+        .ok(["prune", "p", "--keep-last", "1", "--dry-run"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("m3") && l.contains("ignore") && l.contains("manual")),
+        "{text}"
+    );
     assert_eq!(listing(&env, "p"), before, "a dry run changes no record");
     assert_eq!(
         files(&env.images_dir()),
