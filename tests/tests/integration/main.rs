@@ -9,6 +9,7 @@ mod domains;
 mod frontend;
 mod harness_selftest;
 mod introspection;
+mod object_manager;
 mod readme;
 mod recovery;
 mod redefine;
