@@ -486,7 +486,7 @@ impl Seen {
             status: r.status,
             protected: r.protected,
             description: hash_of(|h| r.description.hash(h)),
-            disks: hash_of(|h| hash_json(&r.disks, h)),
+            disks: hash_of(|h| r.disks.hash(h)),
             origin: hash_of(|h| r.origin.hash(h)),
         }
     }
@@ -517,28 +517,6 @@ fn hash_of(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u6
     let mut h = std::collections::hash_map::DefaultHasher::new();
     f(&mut h);
     h.finish()
-}
-
-/// Feeds a JSON value to `h` (serde_json's `Value` does not implement `Hash`).
-fn hash_json(v: &serde_json::Value, h: &mut impl Hasher) {
-    use serde_json::Value;
-    match v {
-        Value::Null => 0u8.hash(h),
-        Value::Bool(b) => (1u8, b).hash(h),
-        Value::Number(n) => (2u8, n.as_i64(), n.as_u64(), n.as_f64().map(f64::to_bits)).hash(h),
-        Value::String(s) => (3u8, s).hash(h),
-        Value::Array(a) => {
-            (4u8, a.len()).hash(h);
-            a.iter().for_each(|x| hash_json(x, h));
-        }
-        Value::Object(o) => {
-            (5u8, o.len()).hash(h);
-            for (k, x) in o {
-                k.hash(h);
-                hash_json(x, h);
-            }
-        }
-    }
 }
 
 /// Brings the served snapshot objects of a domain in line with `now`, announcing the
