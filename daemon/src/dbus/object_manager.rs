@@ -91,17 +91,11 @@ impl ObjectManagerIface {
             };
             let info = handle.info();
             let children = children_index(&info.snapshots);
-            let sizes = info
-                .snapshots
-                .values()
-                .map(crate::snapshot::record::size_on_disk)
-                .collect();
             domains.push(DomainEntry {
                 path,
                 props,
                 info,
                 children,
-                sizes,
             });
         }
         let mut jobs = Vec::new();
@@ -199,8 +193,6 @@ struct DomainEntry {
     /// The information the snapshots are listed from (one version for all of them).
     info: DomainInfo,
     children: HashMap<SnapshotId, Vec<SnapshotId>>,
-    /// `SizeOnDisk` of each snapshot, in the map's order.
-    sizes: Vec<u64>,
 }
 
 /// The reply of `GetManagedObjects` (`a{oa{sa{sv}}}`), serialised straight from the
@@ -246,13 +238,12 @@ impl serde::Serialize for ManagedObjects {
                 &object_path::<S::Error>(&d.path)?,
                 &OneInterface(DOMAIN_INTERFACE, &d.props),
             )?;
-            for (rec, size) in d.info.snapshots.values().zip(&d.sizes) {
+            for rec in d.info.snapshots.values() {
                 let path = vmsnap_dbus::names::snapshot_path(d.info.id.0, rec.id.0);
                 let props = SnapshotProps {
                     info: &d.info,
                     rec,
                     children: d.children.get(&rec.id).unwrap_or(&no_children),
-                    size_on_disk: *size,
                 };
                 m.serialize_entry(
                     &object_path::<S::Error>(&path)?,

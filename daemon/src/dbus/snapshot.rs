@@ -378,26 +378,36 @@ fn creation_time_value(r: &SnapshotRecord) -> u64 {
 
 /// The `Memory` property of a record.
 fn memory_value(r: &SnapshotRecord) -> (String, String) {
-    let m = record::memory(r);
+    memory_value_of(&record::memory(r))
+}
+
+/// The `Memory` property from a record's VM-state part.
+fn memory_value_of(m: &record::MemoryRecord) -> (String, String) {
     let place = match (&m.file, &m.vmstate_disk) {
         (Some(f), _) => f.display().to_string(),
         (None, Some(d)) => d.clone(),
         (None, None) => String::new(),
     };
-    (m.mode, place)
+    (m.mode.clone(), place)
 }
 
 /// The `Disks` property of a record.
 fn disks_value(r: &SnapshotRecord) -> Vec<(String, String, String, String)> {
-    record::disks(r)
-        .into_iter()
+    disks_value_of(&record::disks(r))
+}
+
+/// The `Disks` property from a record's disk parts.
+fn disks_value_of(disks: &[record::DiskRecord]) -> Vec<(String, String, String, String)> {
+    disks
+        .iter()
         .map(|d| {
             let data = d.data_file().display().to_string();
             let overlay = d
                 .overlay
+                .as_ref()
                 .map(|o| o.display().to_string())
                 .unwrap_or_default();
-            (d.target, d.mode, data, overlay)
+            (d.target.clone(), d.mode.clone(), data, overlay)
         })
         .collect()
 }
@@ -420,7 +430,8 @@ fn children_value(domain: i64, children: &[SnapshotId]) -> Vec<OwnedObjectPath> 
 
 /// Every property of a snapshot object as `Properties.GetAll` returns it (`a{sv}`), written
 /// straight from the record for `GetManagedObjects`; each value comes from the function its
-/// getter uses, so the two cannot disagree.
+/// getter uses, so the two cannot disagree. The record's JSON parts are read once for the
+/// three properties made from them.
 pub(super) struct SnapshotProps<'a> {
     /// The domain's information the record belongs to.
     pub info: &'a DomainInfo,
@@ -428,8 +439,6 @@ pub(super) struct SnapshotProps<'a> {
     pub rec: &'a SnapshotRecord,
     /// Its children, in id order.
     pub children: &'a [SnapshotId],
-    /// Its `SizeOnDisk`, computed by the caller.
-    pub size_on_disk: u64,
 }
 
 impl serde::Serialize for SnapshotProps<'_> {
@@ -438,19 +447,22 @@ impl serde::Serialize for SnapshotProps<'_> {
         use zbus::as_variant::Serialize as V;
         let r = self.rec;
         let d = self.info.id.0;
+        let memory = record::memory(r);
+        let disks = record::disks(r);
         let mut m = s.serialize_map(Some(15))?;
         m.serialize_entry("Name", &V(&r.name))?;
         m.serialize_entry("Description", &V(&r.description))?;
         m.serialize_entry("CreationTime", &V(&creation_time_value(r)))?;
         m.serialize_entry("State", &V(&r.state))?;
         m.serialize_entry("Kind", &V(&r.kind))?;
-        m.serialize_entry("Memory", &V(&memory_value(r)))?;
-        m.serialize_entry("Disks", &V(&disks_value(r)))?;
+        m.serialize_entry("Memory", &V(&memory_value_of(&memory)))?;
+        m.serialize_entry("Disks", &V(&disks_value_of(&disks)))?;
         m.serialize_entry("Status", &V(&r.status.as_str()))?;
         m.serialize_entry("Domain", &V(&obj(domain_path(d))))?;
         m.serialize_entry("Parent", &V(&parent_value(d, r.parent)))?;
         m.serialize_entry("Children", &V(&children_value(d, self.children)))?;
-        m.serialize_entry("SizeOnDisk", &V(&self.size_on_disk))?;
+        let size = record::size_on_disk_of(&memory, &disks);
+        m.serialize_entry("SizeOnDisk", &V(&size))?;
         m.serialize_entry("IsCurrent", &V(&(self.info.current_snapshot == Some(r.id))))?;
         m.serialize_entry("Protected", &V(&r.protected))?;
         m.serialize_entry("Origin", &V(&r.origin))?;

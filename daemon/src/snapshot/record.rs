@@ -69,14 +69,19 @@ pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
 /// other snapshots and is not counted; a file that is gone counts 0. Only `stat` calls: cheap
 /// enough to answer a property read.
 pub fn size_on_disk(rec: &SnapshotRecord) -> u64 {
+    size_on_disk_of(&memory(rec), &disks(rec))
+}
+
+/// [`size_on_disk`] from a record's parts already read.
+pub fn size_on_disk_of(memory: &MemoryRecord, disks: &[DiskRecord]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let allocated = |p: &std::path::Path| {
         std::fs::metadata(p)
             .map(|m| m.blocks().saturating_mul(512))
             .unwrap_or(0)
     };
-    let memory = memory(rec).file.as_deref().map(allocated).unwrap_or(0);
-    disks(rec)
+    let memory = memory.file.as_deref().map(allocated).unwrap_or(0);
+    disks
         .iter()
         .filter_map(|d| d.overlay.as_deref())
         .map(allocated)
