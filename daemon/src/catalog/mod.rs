@@ -76,8 +76,8 @@ use serde_json::Value;
 
 pub use error::CatalogError;
 pub use types::{
-    DomainId, DomainKind, DomainRecord, NewDomain, NewSnapshot, OperationId, OperationRecord,
-    SnapshotId, SnapshotRecord, SnapshotStatus, UnknownWord,
+    DomainId, DomainKind, DomainRecord, JsonText, NewDomain, NewSnapshot, OperationId,
+    OperationRecord, SnapshotId, SnapshotRecord, SnapshotStatus, UnknownWord,
 };
 
 /// Name of the catalog file inside the state directory.
@@ -516,7 +516,10 @@ impl Catalog {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots ORDER BY domain_id, created_at, id"
         ))?;
-        let rows = stmt.query_map([], snapshot_from_row)?;
+        // Records of one domain mostly repeat the same definition and disk parts: keep one
+        // copy of each distinct text.
+        let mut texts = Interner::default();
+        let rows = stmt.query_map([], |r| snapshot_from_row_with(r, &mut texts))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -708,7 +711,40 @@ fn domain_from_row(r: &Row<'_>) -> rusqlite::Result<DomainRecord> {
     })
 }
 
+/// Shares equal texts between the records of one load.
+#[derive(Default)]
+struct Interner(std::collections::HashSet<std::sync::Arc<str>>);
+
+impl Interner {
+    /// The shared copy of `text`, and whether it was seen before.
+    fn get(&mut self, text: &str) -> (std::sync::Arc<str>, bool) {
+        if let Some(a) = self.0.get(text) {
+            return (a.clone(), true);
+        }
+        let a: std::sync::Arc<str> = text.into();
+        self.0.insert(a.clone());
+        (a, false)
+    }
+}
+
+/// Reads a JSON text column as [`JsonText`], shared through `texts`; undecodable text is a
+/// conversion error (reported as corruption).
+fn json_text_column(row: &Row<'_>, idx: usize, texts: &mut Interner) -> rusqlite::Result<JsonText> {
+    let text = row.get_ref(idx)?.as_str()?;
+    let (shared, seen) = texts.get(text);
+    if !seen {
+        // Checked once per distinct text.
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))?;
+    }
+    Ok(JsonText::from_checked(shared))
+}
+
 fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
+    snapshot_from_row_with(r, &mut Interner::default())
+}
+
+fn snapshot_from_row_with(r: &Row<'_>, texts: &mut Interner) -> rusqlite::Result<SnapshotRecord> {
     Ok(SnapshotRecord {
         id: r.get(0)?,
         domain_id: r.get(1)?,
@@ -718,9 +754,9 @@ fn snapshot_from_row(r: &Row<'_>) -> rusqlite::Result<SnapshotRecord> {
         state: r.get(5)?,
         kind: r.get(6)?,
         parent: r.get(7)?,
-        domain_xml: r.get(8)?,
-        memory: json_column(r, 9)?,
-        disks: json_column(r, 10)?,
+        domain_xml: texts.get(r.get_ref(8)?.as_str()?).0,
+        memory: json_text_column(r, 9, texts)?,
+        disks: json_text_column(r, 10, texts)?,
         status: r.get(11)?,
         origin: r.get(12)?,
         protected: r.get(13)?,
@@ -843,9 +879,9 @@ fn insert_snapshot(
         state: s.state.clone(),
         kind: s.kind.clone(),
         parent: s.parent,
-        domain_xml: s.domain_xml.clone(),
-        memory: s.memory.clone(),
-        disks: s.disks.clone(),
+        domain_xml: s.domain_xml.as_str().into(),
+        memory: JsonText::from(&s.memory),
+        disks: JsonText::from(&s.disks),
         status,
         origin: s.origin.clone(),
         protected: s.protected,

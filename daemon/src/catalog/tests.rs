@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
 
 use proptest::prelude::*;
 use serde_json::json;
@@ -267,7 +268,7 @@ fn update_snapshot_rewrites_mutable_fields_and_refuses_cycles() {
     rec.description = "edited".into();
     rec.protected = true;
     rec.origin = "schedule:daily".into();
-    rec.disks = json!([]);
+    rec.disks = json!([]).into();
     cat.update_snapshot(&rec).unwrap();
     assert_eq!(cat.snapshot(b).unwrap(), rec);
 
@@ -525,6 +526,38 @@ fn listing_ten_thousand_snapshots_after_reopen_returns_them_all_in_order() {
     assert!(list.windows(2).all(|w| w[0].created_at <= w[1].created_at));
     assert!(list.windows(2).all(|w| w[1].parent == Some(w[0].id)));
     assert_eq!(cat.all_snapshots().unwrap().len(), 10_000);
+}
+
+#[test]
+fn loading_all_snapshots_shares_equal_texts_and_refuses_bad_json() {
+    let mut cat = Catalog::open_in_memory().unwrap();
+    let d = cat.insert_domain(&new_domain("web")).unwrap().id;
+    let a = committed(&mut cat, d, "a", None);
+    let b = committed(&mut cat, d, "b", Some(a));
+    let mut other = new_snapshot(d, "c", Some(b));
+    other.domain_xml = "<domain><name>changed</name></domain>".into();
+    cat.insert_pending_snapshot(&other).unwrap();
+    let all = cat.all_snapshots().unwrap();
+    assert_eq!(all.len(), 3);
+    // One copy per distinct text, whatever the number of records.
+    assert!(Arc::ptr_eq(&all[0].domain_xml, &all[1].domain_xml));
+    assert!(!Arc::ptr_eq(&all[1].domain_xml, &all[2].domain_xml));
+    assert_eq!(&*all[2].domain_xml, "<domain><name>changed</name></domain>");
+    assert_eq!(all[0].disks.as_str(), all[2].disks.as_str());
+    assert_eq!(
+        all[0].disks,
+        json!([{"target": "vda", "file": "/var/lib/vmsnap/a.qcow2"}])
+    );
+    assert_eq!(all[1].memory, json!({"mode": "internal", "file": null}));
+    assert!(JsonText::parse("{\"mode\":").is_err());
+
+    cat.conn
+        .execute_batch("PRAGMA ignore_check_constraints = ON;")
+        .unwrap();
+    cat.conn
+        .execute("UPDATE snapshots SET disks = '[{' WHERE name = 'b'", [])
+        .unwrap();
+    assert!(matches!(cat.all_snapshots(), Err(CatalogError::Corrupt(_))));
 }
 
 /// One step of the property test; indices pick among existing snapshots/domains modulo length.

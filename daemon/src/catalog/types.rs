@@ -9,6 +9,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
@@ -196,12 +197,13 @@ pub struct SnapshotRecord {
     pub kind: String,
     /// Parent snapshot in the same domain, `None` for a root.
     pub parent: Option<SnapshotId>,
-    /// Domain definition at snapshot time.
-    pub domain_xml: String,
+    /// Domain definition at snapshot time; records loaded together share one copy of each
+    /// distinct definition.
+    pub domain_xml: Arc<str>,
     /// Memory state, JSON `{mode, file}`.
-    pub memory: serde_json::Value,
+    pub memory: JsonText,
     /// JSON list of per-disk records.
-    pub disks: serde_json::Value,
+    pub disks: JsonText,
     /// Position in the creation protocol.
     pub status: SnapshotStatus,
     /// Who asked for it (`manual` by default; e.g. a schedule name).
@@ -255,4 +257,72 @@ pub struct OperationRecord {
     pub payload: serde_json::Value,
     /// When the operation began, in Unix seconds.
     pub started_at: i64,
+}
+
+/// A JSON value as the catalog stores it, kept in memory as its compact text (shared between
+/// copies) rather than as a `serde_json::Value` tree: a tree costs an allocation per object,
+/// key and string, which at thousands of snapshot records dominated the daemon's memory, while
+/// the parts are read rarely (a property read, an operation) and are small to parse.
+///
+/// Invariant: the text is valid JSON (checked when made from text).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct JsonText(Arc<str>);
+
+impl JsonText {
+    /// Checks `text` is JSON and keeps it as it is.
+    pub fn parse(text: &str) -> Result<JsonText, serde_json::Error> {
+        serde_json::from_str::<serde::de::IgnoredAny>(text)?;
+        Ok(JsonText(text.into()))
+    }
+
+    /// Keeps `text`, already checked to be JSON, without copying it (shared with other
+    /// records).
+    pub(crate) fn from_checked(text: Arc<str>) -> JsonText {
+        JsonText(text)
+    }
+
+    /// The value as a tree.
+    pub fn value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).expect("JsonText holds valid JSON")
+    }
+
+    /// Reads the value as `T`.
+    pub fn get<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(&self.0)
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&serde_json::Value> for JsonText {
+    fn from(v: &serde_json::Value) -> JsonText {
+        JsonText(v.to_string().into())
+    }
+}
+
+impl From<serde_json::Value> for JsonText {
+    fn from(v: serde_json::Value) -> JsonText {
+        JsonText::from(&v)
+    }
+}
+
+impl PartialEq<serde_json::Value> for JsonText {
+    fn eq(&self, other: &serde_json::Value) -> bool {
+        self.value() == *other
+    }
+}
+
+impl fmt::Display for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for JsonText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
 }

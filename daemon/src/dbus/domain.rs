@@ -629,15 +629,15 @@ pub async fn register_domain(
 ) -> zbus::Result<OwnedObjectPath> {
     let path = obj(domain_path(handle.id().0));
     let mut watch = handle.watch();
-    server
-        .at(
-            path.as_ref(),
-            DomainIface {
-                service: service.clone(),
-                handle: handle.clone(),
-            },
-        )
-        .await?;
+    super::object_manager::add(
+        server,
+        path.as_str(),
+        DomainIface {
+            service: service.clone(),
+            handle: handle.clone(),
+        },
+    )
+    .await?;
     let mut last = watch.borrow_and_update().clone();
     let mut seen: Option<SnapshotsSeen> =
         Some(sync_seen(server, service, &handle, None, &last).await);

@@ -217,9 +217,7 @@ where
     F: std::future::Future<Output = ServiceResult<T>> + Send + 'static,
 {
     let path = obj(job_path(job.id().0));
-    server
-        .at(path.as_ref(), JobIface { job: job.clone() })
-        .await?;
+    super::object_manager::add(server, path.as_str(), JobIface { job: job.clone() }).await?;
     super::manager::ManagerIface::announce_jobs(server).await;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let server = server.clone();
@@ -263,7 +261,7 @@ where
         }
         let _ = tx.send(result);
         tokio::time::sleep(JOB_LINGER).await;
-        let _ = server.remove::<JobIface, _>(p.as_ref()).await;
+        let _ = super::object_manager::remove::<JobIface>(&server, p.as_str()).await;
         service.jobs.remove(job.id());
         super::manager::ManagerIface::announce_jobs(&server).await;
     });

@@ -81,7 +81,7 @@ impl ManagerIface {
             .await
             .map_err(wire_error)?;
         let p = path(domain_path(id.0));
-        server.remove::<DomainIface, _>(p.as_ref()).await?;
+        super::object_manager::remove::<DomainIface>(server, p.as_str()).await?;
         Self::domain_removed(&emitter, p.as_ref(), &name).await?;
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub(crate) mod domain;
 mod job;
 mod manager;
+mod object_manager;
 pub(crate) mod options;
 mod retention;
 mod snapshot;
@@ -18,7 +19,6 @@ use std::sync::Arc;
 use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{BUS_NAME, ROOT_PATH};
 use zbus::connection::Builder;
-use zbus::fdo::ObjectManager;
 
 use crate::config::BusChoice;
 use crate::error::ServiceError;
@@ -84,7 +84,10 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus:
         BusChoice::Address(a) => Builder::address(a.as_str()),
     };
     let conn = builder
-        .serve_at(ROOT_PATH, ObjectManager)
+        .serve_at(
+            ROOT_PATH,
+            object_manager::ObjectManagerIface::new(service.clone()),
+        )
         .serve_at(ROOT_PATH, ManagerIface::new(service.clone()))
         .build()
         .await?;
@@ -94,5 +97,8 @@ pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus:
         register_domain(server, &service, handle).await?;
     }
     conn.request_name(BUS_NAME).await?;
+    // Objects served from now on are announced; the ones above were not (nobody could have
+    // heard it: `GetManagedObjects` is how a front end learns them).
+    object_manager::ObjectManagerIface::start_announcing(server).await;
     Ok(conn)
 }

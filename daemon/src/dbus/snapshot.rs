@@ -263,7 +263,7 @@ impl SnapshotIface {
     /// Creation time, seconds since the Unix epoch.
     #[zbus(property)]
     async fn creation_time(&self) -> u64 {
-        self.field(|r| u64::try_from(r.created_at).unwrap_or(0))
+        self.field(creation_time_value)
     }
 
     /// The domain's state it captured: `running`, `paused`, `shutoff` or `disk-snapshot`.
@@ -281,34 +281,14 @@ impl SnapshotIface {
     /// The VM state: (mode `none`|`internal`|`external`, file or disk holding it).
     #[zbus(property)]
     async fn memory(&self) -> (String, String) {
-        self.field(|r| {
-            let m = record::memory(r);
-            let place = match (&m.file, &m.vmstate_disk) {
-                (Some(f), _) => f.display().to_string(),
-                (None, Some(d)) => d.clone(),
-                (None, None) => String::new(),
-            };
-            (m.mode, place)
-        })
+        self.field(memory_value)
     }
 
     /// Per disk: (target, mode `no`|`internal`|`external`, file holding the snapshot's data,
     /// overlay created on top or empty).
     #[zbus(property)]
     async fn disks(&self) -> Vec<(String, String, String, String)> {
-        self.field(|r| {
-            record::disks(r)
-                .into_iter()
-                .map(|d| {
-                    let data = d.data_file().display().to_string();
-                    let overlay = d
-                        .overlay
-                        .map(|o| o.display().to_string())
-                        .unwrap_or_default();
-                    (d.target, d.mode, data, overlay)
-                })
-                .collect()
-        })
+        self.field(disks_value)
     }
 
     /// `committed`, or `broken` when its files no longer hold what it needs.
@@ -327,21 +307,13 @@ impl SnapshotIface {
     #[zbus(property)]
     async fn parent(&self) -> OwnedObjectPath {
         let d = self.handle.id().0;
-        match self.field(|r| r.parent.map(|p| p.0)) {
-            Some(p) => obj(snapshot_path(d, p)),
-            None => obj(NO_OBJECT.to_string()),
-        }
+        parent_value(d, self.field(|r| r.parent))
     }
 
     /// The child snapshots.
     #[zbus(property)]
     async fn children(&self) -> Vec<OwnedObjectPath> {
-        let d = self.handle.id().0;
-        self.handle
-            .children_of(self.id)
-            .into_iter()
-            .map(|c| obj(snapshot_path(d, c.0)))
-            .collect()
+        children_value(self.handle.id().0, &self.handle.children_of(self.id))
     }
 
     /// Bytes allocated on the host for the files this snapshot added: its external VM-state
@@ -399,6 +371,105 @@ impl SnapshotIface {
     }
 }
 
+/// The `CreationTime` property of a record.
+fn creation_time_value(r: &SnapshotRecord) -> u64 {
+    u64::try_from(r.created_at).unwrap_or(0)
+}
+
+/// The `Memory` property of a record.
+fn memory_value(r: &SnapshotRecord) -> (String, String) {
+    memory_value_of(&record::memory(r))
+}
+
+/// The `Memory` property from a record's VM-state part.
+fn memory_value_of(m: &record::MemoryRecord) -> (String, String) {
+    let place = match (&m.file, &m.vmstate_disk) {
+        (Some(f), _) => f.display().to_string(),
+        (None, Some(d)) => d.clone(),
+        (None, None) => String::new(),
+    };
+    (m.mode.clone(), place)
+}
+
+/// The `Disks` property of a record.
+fn disks_value(r: &SnapshotRecord) -> Vec<(String, String, String, String)> {
+    disks_value_of(&record::disks(r))
+}
+
+/// The `Disks` property from a record's disk parts.
+fn disks_value_of(disks: &[record::DiskRecord]) -> Vec<(String, String, String, String)> {
+    disks
+        .iter()
+        .map(|d| {
+            let data = d.data_file().display().to_string();
+            let overlay = d
+                .overlay
+                .as_ref()
+                .map(|o| o.display().to_string())
+                .unwrap_or_default();
+            (d.target.clone(), d.mode.clone(), data, overlay)
+        })
+        .collect()
+}
+
+/// The `Parent` property of a snapshot of domain `domain`.
+fn parent_value(domain: i64, parent: Option<SnapshotId>) -> OwnedObjectPath {
+    match parent {
+        Some(p) => obj(snapshot_path(domain, p.0)),
+        None => obj(NO_OBJECT.to_string()),
+    }
+}
+
+/// The `Children` property of a snapshot of domain `domain`.
+fn children_value(domain: i64, children: &[SnapshotId]) -> Vec<OwnedObjectPath> {
+    children
+        .iter()
+        .map(|c| obj(snapshot_path(domain, c.0)))
+        .collect()
+}
+
+/// Every property of a snapshot object as `Properties.GetAll` returns it (`a{sv}`), written
+/// straight from the record for `GetManagedObjects`; each value comes from the function its
+/// getter uses, so the two cannot disagree. The record's JSON parts are read once for the
+/// three properties made from them.
+pub(super) struct SnapshotProps<'a> {
+    /// The domain's information the record belongs to.
+    pub info: &'a DomainInfo,
+    /// The snapshot.
+    pub rec: &'a SnapshotRecord,
+    /// Its children, in id order.
+    pub children: &'a [SnapshotId],
+}
+
+impl serde::Serialize for SnapshotProps<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        use zbus::as_variant::Serialize as V;
+        let r = self.rec;
+        let d = self.info.id.0;
+        let memory = record::memory(r);
+        let disks = record::disks(r);
+        let mut m = s.serialize_map(Some(15))?;
+        m.serialize_entry("Name", &V(&r.name))?;
+        m.serialize_entry("Description", &V(&r.description))?;
+        m.serialize_entry("CreationTime", &V(&creation_time_value(r)))?;
+        m.serialize_entry("State", &V(&r.state))?;
+        m.serialize_entry("Kind", &V(&r.kind))?;
+        m.serialize_entry("Memory", &V(&memory_value_of(&memory)))?;
+        m.serialize_entry("Disks", &V(&disks_value_of(&disks)))?;
+        m.serialize_entry("Status", &V(&r.status.as_str()))?;
+        m.serialize_entry("Domain", &V(&obj(domain_path(d))))?;
+        m.serialize_entry("Parent", &V(&parent_value(d, r.parent)))?;
+        m.serialize_entry("Children", &V(&children_value(d, self.children)))?;
+        let size = record::size_on_disk_of(&memory, &disks);
+        m.serialize_entry("SizeOnDisk", &V(&size))?;
+        m.serialize_entry("IsCurrent", &V(&(self.info.current_snapshot == Some(r.id))))?;
+        m.serialize_entry("Protected", &V(&r.protected))?;
+        m.serialize_entry("Origin", &V(&r.origin))?;
+        m.end()
+    }
+}
+
 /// What the change announcements compare the next version of a domain's snapshot map with:
 /// per snapshot the fields with a property that announces its changes (long texts as hashes),
 /// its children and whether it is current, plus the version of the map it was taken from.
@@ -427,7 +498,7 @@ impl Seen {
             status: r.status,
             protected: r.protected,
             description: hash_of(|h| r.description.hash(h)),
-            disks: hash_of(|h| hash_json(&r.disks, h)),
+            disks: hash_of(|h| r.disks.hash(h)),
             origin: hash_of(|h| r.origin.hash(h)),
         }
     }
@@ -460,28 +531,6 @@ fn hash_of(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u6
     h.finish()
 }
 
-/// Feeds a JSON value to `h` (serde_json's `Value` does not implement `Hash`).
-fn hash_json(v: &serde_json::Value, h: &mut impl Hasher) {
-    use serde_json::Value;
-    match v {
-        Value::Null => 0u8.hash(h),
-        Value::Bool(b) => (1u8, b).hash(h),
-        Value::Number(n) => (2u8, n.as_i64(), n.as_u64(), n.as_f64().map(f64::to_bits)).hash(h),
-        Value::String(s) => (3u8, s).hash(h),
-        Value::Array(a) => {
-            (4u8, a.len()).hash(h);
-            a.iter().for_each(|x| hash_json(x, h));
-        }
-        Value::Object(o) => {
-            (5u8, o.len()).hash(h);
-            for (k, x) in o {
-                k.hash(h);
-                hash_json(x, h);
-            }
-        }
-    }
-}
-
 /// Brings the served snapshot objects of a domain in line with `now`, announcing the
 /// properties that changed since `last`. For callers holding two versions of the information;
 /// the daemon's own callers keep a [`SnapshotsSeen`] instead (see [`sync_seen`]).
@@ -511,8 +560,8 @@ pub async fn serve_snapshot(
         id,
         size_cache: Mutex::new(None),
     };
-    // `at` leaves an object that is served already alone.
-    if let Err(e) = server.at(path.as_str(), iface).await {
+    // `add` leaves an object that is served already alone.
+    if let Err(e) = super::object_manager::add(server, &path, iface).await {
         tracing::warn!(path, error = %e, "could not serve a snapshot object");
     }
 }
@@ -552,9 +601,8 @@ pub async fn sync_seen(
     let empty = BTreeMap::new();
     let before = last.as_ref().map_or(&empty, |l| &l.entries);
     for gone in before.keys().filter(|id| !seen.entries.contains_key(id)) {
-        let _ = server
-            .remove::<SnapshotIface, _>(snapshot_path(d, gone.0).as_str())
-            .await;
+        let _ =
+            super::object_manager::remove::<SnapshotIface>(server, &snapshot_path(d, gone.0)).await;
     }
     for new in seen.entries.keys().filter(|id| !before.contains_key(id)) {
         serve_snapshot(server, service, handle, *new).await;

@@ -1359,7 +1359,7 @@ impl Actor {
         let mut retargeted = Vec::new();
         let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         for r in info.snapshots.values().filter(|r| r.id != deleted) {
-            let mut disks = r.disks.clone();
+            let mut disks = r.disks.value();
             let mut changed = false;
             for d in disks.as_array_mut().into_iter().flatten() {
                 for (old, new, fmt) in moved {
@@ -1372,7 +1372,7 @@ impl Actor {
             }
             if changed {
                 let mut r2 = r.clone();
-                r2.disks = disks;
+                r2.disks = disks.into();
                 cat.update_snapshot(&r2)?;
                 retargeted.push(r.id);
             }

@@ -52,12 +52,12 @@ pub struct MemoryRecord {
 
 /// The disks of a record (empty when the JSON is not what this build writes).
 pub fn disks(rec: &SnapshotRecord) -> Vec<DiskRecord> {
-    serde_json::from_value(rec.disks.clone()).unwrap_or_default()
+    rec.disks.get().unwrap_or_default()
 }
 
 /// The VM-state part of a record.
 pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
-    serde_json::from_value(rec.memory.clone()).unwrap_or_else(|_| MemoryRecord {
+    rec.memory.get().unwrap_or_else(|_| MemoryRecord {
         mode: "none".into(),
         ..Default::default()
     })
@@ -69,14 +69,19 @@ pub fn memory(rec: &SnapshotRecord) -> MemoryRecord {
 /// other snapshots and is not counted; a file that is gone counts 0. Only `stat` calls: cheap
 /// enough to answer a property read.
 pub fn size_on_disk(rec: &SnapshotRecord) -> u64 {
+    size_on_disk_of(&memory(rec), &disks(rec))
+}
+
+/// [`size_on_disk`] from a record's parts already read.
+pub fn size_on_disk_of(memory: &MemoryRecord, disks: &[DiskRecord]) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let allocated = |p: &std::path::Path| {
         std::fs::metadata(p)
             .map(|m| m.blocks().saturating_mul(512))
             .unwrap_or(0)
     };
-    let memory = memory(rec).file.as_deref().map(allocated).unwrap_or(0);
-    disks(rec)
+    let memory = memory.file.as_deref().map(allocated).unwrap_or(0);
+    disks
         .iter()
         .filter_map(|d| d.overlay.as_deref())
         .map(allocated)
@@ -215,13 +220,14 @@ mod tests {
             kind: "disk-only".into(),
             parent: Some(SnapshotId(1)),
             domain_xml: "<domain type='qemu'>\n  <name>web</name>\n</domain>\n".into(),
-            memory: json!({"mode": "none", "file": null, "vmstate_disk": null}),
+            memory: json!({"mode": "none", "file": null, "vmstate_disk": null}).into(),
             disks: json!([
                 {"target": "vda", "mode": "external", "format": "qcow2",
                  "image": "/img/vda.qcow2", "overlay": "/img/vda.s2.qcow2", "snapshot_file": null},
                 {"target": "vdb", "mode": "no", "format": "raw", "image": "/img/vdb.raw"},
                 {"target": "vdc", "mode": "internal", "format": "qcow2", "image": "/img/vdc.qcow2"}
-            ]),
+            ])
+            .into(),
             status: SnapshotStatus::Committed,
             origin: "manual".into(),
             protected: false,

@@ -10,6 +10,7 @@ mod frontend;
 mod harness_selftest;
 mod introspection;
 mod mixed_chain;
+mod object_manager;
 mod readme;
 mod recovery;
 mod redefine;

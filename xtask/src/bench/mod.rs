@@ -6,7 +6,8 @@
 //! real QEMU) drives exactly what was built. The full run writes `BENCHMARKS.md` in the
 //! workspace root and prints it; the smoke run (tiny counts, no 1 GiB guest) only prints.
 //! Method and caveats are written into the report itself (see [`report`]).
-//! `VMSNAP_BENCH_ONLY=catalog` runs only the catalog scale and prints it (for profiling).
+//! `--only catalog` (or `VMSNAP_BENCH_ONLY=catalog` for `bench-run`) runs only the catalog
+//! scale and prints it (for profiling).
 
 mod catalog;
 mod guest;
@@ -79,13 +80,22 @@ pub fn block<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
         .block_on(future)
 }
 
-/// `cargo xtask bench [--smoke]`: build, then run the measurements in a child.
+/// `cargo xtask bench [--smoke] [--only catalog]`: build, then run the measurements in a
+/// child. `--only catalog` measures the catalog scale alone and prints it (writes nothing).
 pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
-    let smoke = match args {
-        [] => false,
-        [a] if a == "--smoke" => true,
-        _ => bail!("usage: cargo xtask bench [--smoke]"),
-    };
+    let mut smoke = false;
+    let mut only_catalog = false;
+    let mut rest = args.iter();
+    while let Some(a) = rest.next() {
+        match (a.as_str(), rest.as_slice().first().map(String::as_str)) {
+            ("--smoke", _) => smoke = true,
+            ("--only", Some("catalog")) => {
+                only_catalog = true;
+                rest.next();
+            }
+            _ => bail!("usage: cargo xtask bench [--smoke] [--only catalog]"),
+        }
+    }
     let profile = if smoke { "debug" } else { "release" };
     let mut build = Command::new(cargo);
     build
@@ -113,6 +123,9 @@ pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
         .env("VMSNAP_TEST_LOG_LEVEL", "info");
     if smoke {
         run.arg("--smoke");
+    }
+    if only_catalog {
+        run.env("VMSNAP_BENCH_ONLY", "catalog");
     }
     let status = run.status().context("cannot run the benchmark")?;
     if !status.success() {
