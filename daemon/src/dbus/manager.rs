@@ -75,11 +75,23 @@ impl ManagerIface {
         authorize(&header, Action::Manage).await?;
         let opts = Options::parse("UndefineDomain", options, &[option::SNAPSHOTS_METADATA])?;
         let forget = opts.bool(option::SNAPSHOTS_METADATA)?.unwrap_or(false);
+        // Its snapshots' objects go with it (an undefine is refused while it has snapshots,
+        // unless their metadata is forgotten too).
+        let snapshots: Vec<i64> = self
+            .service
+            .find(&name)
+            .map(|h| h.info().snapshots.keys().map(|s| s.0).collect())
+            .unwrap_or_default();
         let id = self
             .service
             .undefine(&name, forget)
             .await
             .map_err(wire_error)?;
+        for s in snapshots {
+            let sp = vmsnap_dbus::names::snapshot_path(id.0, s);
+            let _ =
+                super::object_manager::remove::<super::snapshot::SnapshotIface>(server, &sp).await;
+        }
         let p = path(domain_path(id.0));
         super::object_manager::remove::<DomainIface>(server, p.as_str()).await?;
         Self::domain_removed(&emitter, p.as_ref(), &name).await?;

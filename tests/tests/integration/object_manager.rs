@@ -253,11 +253,34 @@ async fn object_manager_objects_after_start_are_announced_and_none_at_start() {
         String::try_from(props["Name"].try_clone().unwrap()).unwrap(),
         "ann2"
     );
-    env.client.ok(["domain", "undefine", "ann2"]);
+    // Undefined with its snapshot records: the snapshot's object goes too.
+    env.client.ok(["create", "ann2", "--name", "s2"]);
+    let s2 = env.client.json(["info", "ann2", "s2"])["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    env.client
+        .ok(["domain", "undefine", "ann2", "--snapshots-metadata"]);
+    // The snapshot's removal is announced first (the recorder skips what it passes).
+    rec.wait_for(
+        Deadline::step(),
+        "InterfacesRemoved of the undefined domain's snapshot",
+        |s| is_removed(s, &s2, SNAPSHOT_INTERFACE),
+    )
+    .await;
     rec.wait_for(Deadline::step(), "InterfacesRemoved of the domain", |s| {
         is_removed(s, path2.as_str(), DOMAIN_INTERFACE)
     })
     .await;
+    let gone = PropertiesProxy::builder(&conn)
+        .destination(BUS_NAME)
+        .path(s2.clone())
+        .build()
+        .await
+        .unwrap()
+        .get_all(InterfaceName::try_from(SNAPSHOT_INTERFACE).unwrap())
+        .await;
+    assert!(gone.is_err(), "the snapshot object is no longer served");
 
     // A deleted snapshot: announced as removed, and no longer listed.
     env.client.ok(["delete", "ann", "new"]);
