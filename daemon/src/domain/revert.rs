@@ -1274,8 +1274,12 @@ impl Actor {
     ) -> std::collections::HashMap<String, ServiceResult<()>> {
         let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
         let mut ended = std::collections::HashMap::new();
+        // Progress is read when no event came for a poll interval, not after every event: a
+        // short commit then costs no monitor round trips beyond its own commands.
+        let mut quiet = false;
         while ended.len() < job_ids.len() {
-            if let Some(j) = &self.progress
+            if quiet
+                && let Some(j) = &self.progress
                 && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
             {
                 let ours = jobs.as_array().into_iter().flatten().filter(|b| {
@@ -1306,8 +1310,12 @@ impl Actor {
                 })
                 .await
             {
-                Ok(ev) => ev,
+                Ok(ev) => {
+                    quiet = false;
+                    ev
+                }
                 Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => {
+                    quiet = true;
                     continue;
                 }
                 Err(e) => {
