@@ -128,6 +128,33 @@ pub fn append(catalog: &std::sync::Mutex<Catalog>, op: OperationId, key: &str, v
     }
 }
 
+/// Records that `op` reached `step` like [`record`], appending `values` to the array `key`
+/// of its payload in the same commit (what [`append`] per value and then [`record`] would do
+/// in several).
+pub fn record_appending(
+    catalog: &std::sync::Mutex<Catalog>,
+    op: OperationId,
+    step: &str,
+    key: &str,
+    values: Vec<Value>,
+) {
+    debug_assert!(STEPS.contains(&step), "unlisted journal step {step}");
+    let mut cat = catalog.lock().expect("catalog lock poisoned");
+    let mut payload = cat
+        .pending_operations()
+        .ok()
+        .and_then(|ops| ops.into_iter().find(|o| o.id == op))
+        .map(|o| o.payload)
+        .unwrap_or_else(|| Value::Object(Default::default()));
+    match payload[key].as_array_mut() {
+        Some(list) => list.extend(values),
+        None => payload[key] = Value::Array(values),
+    }
+    if let Err(e) = cat.set_operation_step(op, step, &payload) {
+        warn!(step, error = %e, "could not journal an operation step");
+    }
+}
+
 /// Test hook `crash-at=STEP`: aborts the process at `step`, leaving everything as a `kill -9`
 /// would (no destructors, no rollback).
 pub fn crash_point(step: &str) {
@@ -184,8 +211,13 @@ mod tests {
             serde_json::json!({"metadata_only": false}),
         );
         append(&cat, op, "merging", serde_json::json!("/a"));
-        append(&cat, op, "merging", serde_json::json!("/b"));
-        step(&cat, op, DELETE_MERGING, serde_json::json!({}));
+        record_appending(
+            &cat,
+            op,
+            DELETE_MERGING,
+            "merging",
+            vec![serde_json::json!("/b")],
+        );
         let ops = cat.lock().unwrap().pending_operations().unwrap();
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].step, DELETE_MERGING);

@@ -15,6 +15,7 @@ pub mod fuzz;
 pub mod job;
 pub mod journal;
 pub mod logging;
+pub mod qcow2;
 pub mod qmp;
 pub mod service;
 pub mod shutdown;

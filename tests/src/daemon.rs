@@ -178,8 +178,12 @@ impl Daemon {
             .env("NOTIFY_SOCKET", &socket_path)
             .env("VMSNAPD_TEST_HOOKS", hooks)
             // Every guest under TCG, as on CI machines (no KVM there): the same timing
-            // everywhere, and nested KVM here is slower than TCG through SeaBIOS.
-            .env("VMSNAPD_ACCEL", "tcg")
+            // everywhere, and nested KVM here is slower than TCG through SeaBIOS. The
+            // benchmark may ask for another accelerator through VMSNAP_TEST_ACCEL.
+            .env(
+                "VMSNAPD_ACCEL",
+                std::env::var("VMSNAP_TEST_ACCEL").unwrap_or_else(|_| "tcg".into()),
+            )
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log)

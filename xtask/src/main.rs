@@ -5,8 +5,9 @@
 //! - `demo`: install system packages, build, then drive a real vmsnapd on a private bus with
 //!   the `vmsnap` client through a guest's life, echoing every command. Everything it starts is
 //!   stopped and removed at the end, on failure too (the test harness's guards do it).
-//! - `bench [--smoke]`: release build, then vmsnap (D-Bus and client) against the raw QMP
-//!   floor and catalog scale; writes `BENCHMARKS.md` (see [`bench`]).
+//! - `bench [--smoke] [--only ops|catalog] [--accel tcg|kvm]`: release build, then vmsnap
+//!   (D-Bus and client) against the raw QMP floor and catalog scale; writes `BENCHMARKS.md`
+//!   (see [`bench`]).
 //! - `dbus-xml`: build, then rewrite `dbus-interfaces/org.vmsnap.VmSnap1.xml` from a running
 //!   daemon's introspection with each member's `///` doc as a DocString annotation (the
 //!   introspection test with `VMSNAP_BLESS=1`).
@@ -27,7 +28,9 @@ use vmsnap_tests::{DiskSpec, TestEnv, counter_boot_qcow2, domain_xml};
 const USAGE: &str = "usage: cargo xtask <ci|demo|bench|dbus-xml|man>
   ci               fmt check, clippy, build, tests (what CI runs)
   demo             build and run vmsnapd with a small guest on a private bus
-  bench [--smoke]  release build, vmsnap against the raw QMP floor, write BENCHMARKS.md
+  bench [--smoke] [--only ops|catalog] [--accel tcg|kvm]
+                   release build, vmsnap against the raw QMP floor, write BENCHMARKS.md
+                   (--only: one part, printed only; guests under TCG unless --accel kvm)
   dbus-xml         regenerate dbus-interfaces/org.vmsnap.VmSnap1.xml from the daemon
   man              write the vmsnap man pages into target/man/man1
   install [--destdir DIR] [--prefix /usr] [--debug]

@@ -419,26 +419,26 @@ impl Catalog {
     /// and if it was current, "current" moves to its parent (or to none if there is no parent
     /// or the parent is not committed).
     pub fn delete_snapshot(&mut self, id: SnapshotId) -> Result<(), CatalogError> {
+        self.transaction(|tx| delete_snapshot_in(tx, id))
+    }
+
+    /// [`delete_snapshot`](Self::delete_snapshot) and
+    /// [`set_operation_step`](Self::set_operation_step) of `op` in one transaction (one
+    /// fsync): the journal never shows the record gone without the step that says so.
+    pub fn delete_snapshot_at_step(
+        &mut self,
+        id: SnapshotId,
+        op: OperationId,
+        step: &str,
+        payload: &Value,
+    ) -> Result<(), CatalogError> {
+        let payload = payload.to_string();
         self.transaction(|tx| {
-            let (parent, parent_committed): (Option<SnapshotId>, bool) = tx
-                .prepare_cached(
-                    "SELECT s.parent_id, coalesce(p.status = 'committed', 0) \
-                     FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id \
-                     WHERE s.id = ?1",
-                )?
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?
-                .ok_or_else(|| CatalogError::NotFound(snapshot_name(id)))?;
-            tx.prepare_cached("UPDATE snapshots SET parent_id = ?2 WHERE parent_id = ?1")?
-                .execute((id, parent))?;
-            let new_current = parent.filter(|_| parent_committed);
-            tx.prepare_cached(
-                "UPDATE domains SET current_snapshot = ?2 WHERE current_snapshot = ?1",
-            )?
-            .execute((id, new_current))?;
-            tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1")?
-                .execute([id])?;
-            Ok(())
+            delete_snapshot_in(tx, id)?;
+            let n = tx
+                .prepare_cached("UPDATE operations SET step = ?2, payload = ?3 WHERE id = ?1")?
+                .execute((op, step, &payload))?;
+            expect_one(n, || format!("operation {op}"))
         })
     }
 
@@ -561,6 +561,18 @@ impl Catalog {
         kind: &str,
         payload: &Value,
     ) -> Result<OperationId, CatalogError> {
+        self.begin_operation_at(domain, kind, OPERATION_STARTED, payload)
+    }
+
+    /// Like [`begin_operation`](Self::begin_operation), at `step` already (an operation whose
+    /// first named step needs no commit of its own).
+    pub fn begin_operation_at(
+        &mut self,
+        domain: DomainId,
+        kind: &str,
+        step: &str,
+        payload: &Value,
+    ) -> Result<OperationId, CatalogError> {
         let payload = payload.to_string();
         let started_at = now();
         self.transaction(|tx| {
@@ -569,7 +581,7 @@ impl Catalog {
                 "INSERT INTO operations (domain_id, kind, step, payload, started_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute((domain, kind, OPERATION_STARTED, &payload, started_at))?;
+            .execute((domain, kind, step, &payload, started_at))?;
             Ok(OperationId(tx.last_insert_rowid()))
         })
     }
@@ -664,6 +676,27 @@ impl Catalog {
 }
 
 // ----- helpers; they take a connection so that they also work inside a transaction -----
+
+/// The body of [`Catalog::delete_snapshot`], inside a transaction.
+fn delete_snapshot_in(tx: &Transaction<'_>, id: SnapshotId) -> Result<(), CatalogError> {
+    let (parent, parent_committed): (Option<SnapshotId>, bool) = tx
+        .prepare_cached(
+            "SELECT s.parent_id, coalesce(p.status = 'committed', 0) \
+             FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id \
+             WHERE s.id = ?1",
+        )?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+        .ok_or_else(|| CatalogError::NotFound(snapshot_name(id)))?;
+    tx.prepare_cached("UPDATE snapshots SET parent_id = ?2 WHERE parent_id = ?1")?
+        .execute((id, parent))?;
+    let new_current = parent.filter(|_| parent_committed);
+    tx.prepare_cached("UPDATE domains SET current_snapshot = ?2 WHERE current_snapshot = ?1")?
+        .execute((id, new_current))?;
+    tx.prepare_cached("DELETE FROM snapshots WHERE id = ?1")?
+        .execute([id])?;
+    Ok(())
+}
 
 fn now() -> i64 {
     jiff::Timestamp::now().as_second()

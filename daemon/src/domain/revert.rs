@@ -206,20 +206,14 @@ impl Actor {
             })
     }
 
-    /// Checks that every image a snapshot needs is still there and holds its tag.
-    /// Checks that every image holding an internal snapshot of `rec` still has its tag, from
-    /// the `qemu-img info` output [`check_revert_files`](Self::check_revert_files) already read
-    /// (one process per disk, not two).
+    /// Checks that an image holding an internal snapshot of `rec` still has its tag, from the
+    /// header [`check_revert_files`](Self::check_revert_files) already read.
     fn check_internal_tag(
         rec: &SnapshotRecord,
         d: &DiskRecord,
-        chain: &serde_json::Value,
+        top: &crate::qcow2::ImageInfo,
     ) -> ServiceResult<()> {
-        let has = chain[0]["snapshots"].as_array().is_some_and(|a| {
-            a.iter()
-                .any(|s| s["name"].as_str() == Some(rec.name.as_str()))
-        });
-        if !has {
+        if !top.snapshots.iter().any(|s| s == &rec.name) {
             return Err(ServiceError::InvalidState(format!(
                 "snapshot {:?} is missing from {}",
                 rec.name,
@@ -234,8 +228,12 @@ impl Actor {
         id: SnapshotId,
         running: Option<bool>,
     ) -> ServiceResult<()> {
-        let op = self.journal(journal::KIND_REVERT, id)?;
-        self.journal_step(journal::REVERT_STARTED, json!({"running": running}));
+        let op = self.journal(
+            journal::KIND_REVERT,
+            id,
+            journal::REVERT_STARTED,
+            json!({"running": running}),
+        )?;
         let old_def = self.info.borrow().def.clone();
         let r = self.revert_inner(id, running).await;
         if r.is_ok() {
@@ -247,30 +245,36 @@ impl Actor {
 
     /// Records a multi-step operation in the catalog's journal before it starts, with what
     /// recovery needs to put things back: the definition, the run state and the current
-    /// snapshot as they are now.
+    /// snapshot as they are now. The row is written at its first `step` already (with `extra`
+    /// in its payload), one commit instead of two; the step's crash point follows.
     fn journal(
         &mut self,
         kind: &str,
         id: SnapshotId,
+        step: &str,
+        extra: serde_json::Value,
     ) -> ServiceResult<crate::catalog::OperationId> {
-        let info = self.info.borrow().clone();
+        let mut payload = {
+            let info = self.info.borrow();
+            json!({
+                "snapshot": id.0,
+                "old_def": info.def.to_xml(),
+                "old_state": info.state.as_str(),
+                "old_current": info.current_snapshot.map(|s| s.0),
+                "files": [],
+            })
+        };
+        if let (Some(p), serde_json::Value::Object(e)) = (payload.as_object_mut(), extra) {
+            p.extend(e);
+        }
         let op = self
             .shared
             .catalog
             .lock()
             .expect("catalog lock poisoned")
-            .begin_operation(
-                self.id(),
-                kind,
-                &json!({
-                    "snapshot": id.0,
-                    "old_def": info.def.to_xml(),
-                    "old_state": info.state.as_str(),
-                    "old_current": info.current_snapshot.map(|s| s.0),
-                    "files": [],
-                }),
-            )?;
+            .begin_operation_at(self.id(), kind, step, &payload)?;
         self.journal_op = Some(op);
+        journal::crash_point(step);
         Ok(op)
     }
 
@@ -471,7 +475,8 @@ impl Actor {
         rec: &SnapshotRecord,
         disks: &[DiskRecord],
     ) -> ServiceResult<()> {
-        for d in disks.iter().filter(|d| d.mode != "no") {
+        let disks: Vec<&DiskRecord> = disks.iter().filter(|d| d.mode != "no").collect();
+        for d in &disks {
             if !d.data_file().exists() {
                 return Err(ServiceError::InvalidState(format!(
                     "snapshot {:?} needs {}, which is missing",
@@ -479,25 +484,29 @@ impl Actor {
                     d.data_file().display()
                 )));
             }
-            // Altered files: the image must still be of the recorded format with a readable
-            // backing chain.
-            let info = qemu_img(&[
-                "info".as_ref(),
-                "-U".as_ref(),
-                "--backing-chain".as_ref(),
-                "--output=json".as_ref(),
-                d.data_file().as_os_str(),
-            ])
-            .await
-            .map_err(|e| {
+        }
+        // Altered files: each image must still be of the recorded format with a readable
+        // backing chain. The headers are read in-process (what `qemu-img info --backing-chain`
+        // would open), every disk in one blocking task: a process per disk cost more than the
+        // revert itself.
+        let files: Vec<PathBuf> = disks.iter().map(|d| d.data_file().clone()).collect();
+        let chains = blocking(move || {
+            files
+                .iter()
+                .map(|f| crate::qcow2::chain(f))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        for (d, chain) in disks.iter().zip(chains) {
+            let chain = chain.map_err(|e| {
                 ServiceError::InvalidState(format!(
                     "snapshot {:?} needs {}, whose backing chain cannot be read: {e}",
                     rec.name,
                     d.data_file().display()
                 ))
             })?;
-            let chain: serde_json::Value = serde_json::from_str(&info).unwrap_or_default();
-            let found = chain[0]["format"].as_str().unwrap_or("");
+            let top = &chain[0].1;
+            let found = top.format.as_str();
             if !d.format.is_empty() && found != d.format {
                 return Err(ServiceError::InvalidState(format!(
                     "snapshot {:?} needs {} as a {} image, but it is now {found}: it was altered",
@@ -507,7 +516,7 @@ impl Actor {
                 )));
             }
             if d.mode == "internal" {
-                Self::check_internal_tag(rec, d, &chain)?;
+                Self::check_internal_tag(rec, d, top)?;
             }
         }
         let mem = record::memory(rec);
@@ -535,29 +544,22 @@ impl Actor {
         if taken_on {
             return Ok(true);
         }
-        for disk in &info.def.disks {
-            if disk.source == image {
-                continue;
-            }
-            let out = qemu_img(&[
-                "info".as_ref(),
-                "-U".as_ref(),
-                "--backing-chain".as_ref(),
-                "--output=json".as_ref(),
-                disk.source.as_os_str(),
-            ])
-            .await;
-            let Ok(out) = out else { continue };
-            let chain: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-            let below = chain.as_array().into_iter().flatten().skip(1);
-            if below
-                .filter_map(|i| i["filename"].as_str())
-                .any(|f| Path::new(f) == image)
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let sources: Vec<PathBuf> = info
+            .def
+            .disks
+            .iter()
+            .filter(|d| d.source != image)
+            .map(|d| d.source.clone())
+            .collect();
+        let image = image.to_path_buf();
+        // Unreadable chains count as not depending on the image, as before with `qemu-img`.
+        blocking(move || {
+            sources.iter().any(|s| {
+                crate::qcow2::chain(s)
+                    .is_ok_and(|chain| chain.iter().skip(1).any(|(f, _)| f == &image))
+            })
+        })
+        .await
     }
 
     /// Reverts to a snapshot with external files: new overlays on the snapshot's images (a
@@ -619,6 +621,10 @@ impl Actor {
     /// its configuration) and the new configuration does not use them. A failure to remove one
     /// is logged: the revert itself is done.
     fn remove_abandoned_overlays(&self, old_def: &DomainDef) {
+        if !old_def.disks.iter().any(|d| is_revert_overlay(&d.source)) {
+            // Nothing to look for: spare the parse of every snapshot's definition.
+            return;
+        }
         let abandoned: Vec<PathBuf> = {
             let info = self.info.borrow();
             let mut needed: std::collections::HashSet<PathBuf> =
@@ -781,17 +787,18 @@ impl Actor {
         id: SnapshotId,
         metadata_only: bool,
     ) -> ServiceResult<()> {
-        let op = self.journal(journal::KIND_DELETE, id)?;
         let memory_file = self
             .snapshot_record(id)
             .ok()
             .map(|r| record::memory(&r))
             .filter(|m| m.mode == "external" && !metadata_only)
             .and_then(|m| m.file);
-        self.journal_step(
+        let op = self.journal(
+            journal::KIND_DELETE,
+            id,
             journal::DELETE_STARTED,
             json!({"metadata_only": metadata_only, "memory_file": memory_file}),
-        );
+        )?;
         let r = self.delete_inner(id, metadata_only).await;
         self.journal_done(op);
         r
@@ -805,8 +812,16 @@ impl Actor {
             let disks = record::disks(&rec);
             // Every check and plan first, so that a refusal changes nothing.
             let mut merges = Vec::new();
-            for d in disks.iter().filter(|d| d.mode == "external") {
-                merges.push(self.plan_merge(&rec, d).await?);
+            let external: Vec<&DiskRecord> =
+                disks.iter().filter(|d| d.mode == "external").collect();
+            // The running guest's block nodes, read once for all disks: on a long chain the
+            // reply is large and QEMU takes tens of milliseconds to build it.
+            let nodes = match external.is_empty() {
+                true => Vec::new(),
+                false => self.running_nodes().await?,
+            };
+            for d in external {
+                merges.push(self.plan_merge(&rec, d, &nodes).await?);
             }
             let mem = record::memory(&rec);
             if mem.mode == "external" {
@@ -816,12 +831,26 @@ impl Actor {
                 self.delete_internal_tag(&rec, d).await?;
             }
             self.journal_step(journal::DELETE_TAGS, json!({}));
-            for m in merges {
+            let merged_any = merges.iter().any(|m| !matches!(m, Merge::Keep));
+            // The live commits of all disks run at once, as QEMU allows; the rest in turn.
+            let (live, others): (Vec<Merge>, Vec<Merge>) = merges
+                .into_iter()
+                .partition(|m| matches!(m, Merge::CommitLive { .. }));
+            if !live.is_empty() {
+                moved.extend(self.commit_live(&rec, live).await?);
+            }
+            for m in others {
                 if let Some(mv) = self.run_merge(&rec, m).await? {
                     moved.push(mv);
                 }
             }
-            self.journal_step(journal::DELETE_MERGED, json!({}));
+            if moved.is_empty() && !merged_any {
+                // Nothing was merged: the journal already says all there is (TAGS), and
+                // recovery runs a delete again from either step alike; no commit of its own.
+                journal::crash_point(journal::DELETE_MERGED);
+            } else {
+                self.journal_step(journal::DELETE_MERGED, json!({}));
+            }
         }
         let mut changed = Vec::new();
         if !moved.is_empty() {
@@ -837,10 +866,27 @@ impl Actor {
                 .filter(|r| r.parent == Some(id))
                 .map(|r| r.id),
         );
-        let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
-        cat.delete_snapshot(id)?;
-        drop(cat);
-        self.journal_step(journal::DELETE_UNCATALOGED, json!({}));
+        // The record goes and the journal says so in one commit.
+        match self.journal_op {
+            Some(op) => {
+                let mut cat = self.shared.catalog.lock().expect("catalog lock poisoned");
+                let payload = cat
+                    .pending_operations()?
+                    .into_iter()
+                    .find(|o| o.id == op)
+                    .map(|o| o.payload)
+                    .unwrap_or_else(|| json!({}));
+                cat.delete_snapshot_at_step(id, op, journal::DELETE_UNCATALOGED, &payload)?;
+                drop(cat);
+                journal::crash_point(journal::DELETE_UNCATALOGED);
+            }
+            None => self
+                .shared
+                .catalog
+                .lock()
+                .expect("catalog lock poisoned")
+                .delete_snapshot(id)?,
+        }
         let cat = self.shared.catalog.lock().expect("catalog lock poisoned");
         let current = cat.domain(self.id())?.current_snapshot;
         let reread = changed
@@ -923,25 +969,48 @@ impl Actor {
 
     /// The images directly backed by `base`.
     async fn dependents(&self, base: &Path) -> ServiceResult<Vec<PathBuf>> {
-        let mut out = Vec::new();
-        for f in self.known_images() {
-            if f == base {
-                continue;
-            }
-            match backing_of(&f).await {
-                Ok(b) if b.as_ref().map(|(b, _)| b.as_path()) == Some(base) => out.push(f),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(file = %f.display(), error = %e, "cannot read the backing file of a known image")
-                }
-            }
-        }
-        Ok(out)
+        let files = self.known_images();
+        let base = base.to_path_buf();
+        blocking(move || {
+            files
+                .into_iter()
+                .filter(|f| f != &base)
+                .filter(|f| match read_backing(f) {
+                    Ok(b) => b.as_ref().map(|(b, _)| b) == Some(&base),
+                    Err(e) => {
+                        tracing::warn!(file = %f.display(), error = %e, "cannot read the backing file of a known image");
+                        false
+                    }
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Decides how the data of external disk `d` of `rec` is merged away, refusing (before any
     /// change) the shapes this build cannot merge while keeping every snapshot valid.
-    async fn plan_merge(&self, rec: &SnapshotRecord, d: &DiskRecord) -> ServiceResult<Merge> {
+    /// The format nodes of the running guest as (file, node name); empty when it does not run.
+    async fn running_nodes(&self) -> ServiceResult<Vec<(String, String)>> {
+        match (&self.qmp, self.state().is_active()) {
+            (Some(q), true) => Ok(q
+                .query_named_block_nodes()
+                .await
+                .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
+                .into_iter()
+                .filter(|n| n.drv != "file")
+                .map(|n| (n.file, n.node_name))
+                .collect()),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `running` is [`running_nodes`](Self::running_nodes), read once for the whole delete.
+    async fn plan_merge(
+        &self,
+        rec: &SnapshotRecord,
+        d: &DiskRecord,
+        running: &[(String, String)],
+    ) -> ServiceResult<Merge> {
         let image = d.data_file().clone();
         let Some(overlay) = d.overlay.clone() else {
             return Ok(Merge::Keep);
@@ -951,17 +1020,6 @@ impl Actor {
         }
         let deps = self.dependents(&image).await?;
         let live = self.state().is_active();
-        let running: Vec<(String, String)> = match (&self.qmp, live) {
-            (Some(q), true) => q
-                .query_named_block_nodes()
-                .await
-                .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
-                .into_iter()
-                .filter(|n| n.drv != "file")
-                .map(|n| (n.file, n.node_name))
-                .collect(),
-            _ => Vec::new(),
-        };
         let node = |p: &Path| {
             running
                 .iter()
@@ -997,7 +1055,21 @@ impl Actor {
         if deps == [overlay.clone()] {
             match (node(&overlay), node(&image)) {
                 (Some(top), Some(base)) => {
-                    let device = self.top_node_of(&d.target).await?;
+                    // The disk's root node is the node of its active file in the definition;
+                    // QEMU refuses a `device` that is not a root node, so a definition out of
+                    // step with the guest fails the commit rather than misdirecting it.
+                    let active_file = self
+                        .info
+                        .borrow()
+                        .def
+                        .disks
+                        .iter()
+                        .find(|x| x.target == d.target)
+                        .map(|x| x.source.clone());
+                    let device = match active_file.as_deref().and_then(node) {
+                        Some(n) => n,
+                        None => self.top_node_of(&d.target).await?,
+                    };
                     Ok(Merge::CommitLive {
                         device,
                         top,
@@ -1094,6 +1166,198 @@ impl Actor {
                 base_node,
             })
         }
+    }
+
+    /// Runs the live `block-commit`s `commits` (all [`Merge::CommitLive`], one per disk) at
+    /// once: every overlay is journaled as merging before the first job starts, the jobs are
+    /// started together and followed by their events until all ended. Returns the moved files
+    /// (old, new, format); fails with the first error after every started job ended.
+    async fn commit_live(
+        &mut self,
+        rec: &SnapshotRecord,
+        commits: Vec<Merge>,
+    ) -> ServiceResult<Vec<(PathBuf, PathBuf, String)>> {
+        let qmp = self.qmp()?.clone();
+        let commits: Vec<_> = commits
+            .into_iter()
+            .filter_map(|m| match m {
+                Merge::CommitLive {
+                    device,
+                    top,
+                    base,
+                    overlay,
+                    image,
+                    base_fmt,
+                    active,
+                } => Some((device, top, base, overlay, image, base_fmt, active)),
+                _ => None,
+            })
+            .collect();
+        if let Some(op) = self.journal_op {
+            journal::record_appending(
+                &self.shared.catalog,
+                op,
+                journal::DELETE_MERGING,
+                "merging",
+                commits.iter().map(|c| json!(c.3)).collect(),
+            );
+        }
+        let mut events = qmp.subscribe();
+        let mut started = Vec::new();
+        let mut failure = None;
+        for (n, (device, top, base, ..)) in commits.iter().enumerate() {
+            let job_id = format!("vmsnap-commit-{}-{n}", rec.id.0);
+            let mut args = json!({"job-id": job_id, "device": device, "base-node": base});
+            if !commits[n].6 {
+                args["top-node"] = json!(top);
+            }
+            match qmp.execute("block-commit", Some(args)).await {
+                Ok(_) => started.push(job_id),
+                Err(e) => {
+                    failure = Some(ServiceError::qemu(
+                        "cannot start merging the snapshot's data",
+                    )(e));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            journal::crash_point(journal::DELETE_MERGING);
+        }
+        if let Some(j) = &self.progress {
+            j.set_phase("merge");
+        }
+        let mut ended = self
+            .wait_block_jobs(&qmp, &mut events, &started, "merging the snapshot's data")
+            .await;
+        let mut moved = Vec::new();
+        for (job_id, (_, top, _, overlay, image, base_fmt, _)) in started.iter().zip(commits) {
+            match ended.remove(job_id) {
+                Some(Ok(())) => {
+                    // The merged overlay left the graph; close it if the monitor still holds it.
+                    let _ = qmp.blockdev_del(&top).await;
+                    remove_quietly(&overlay);
+                    moved.push((overlay, image, base_fmt));
+                }
+                Some(Err(e)) => {
+                    failure.get_or_insert(e);
+                }
+                None => {
+                    failure.get_or_insert_with(|| {
+                        ServiceError::Timeout(format!("merging the snapshot's data ({job_id})"))
+                    });
+                }
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(moved),
+        }
+    }
+
+    /// Follows the block jobs `job_ids` until each ended (or the save timeout passed),
+    /// reporting their bytes together and completing each when it is ready (an active commit).
+    /// Returns each ended job's outcome.
+    async fn wait_block_jobs(
+        &self,
+        qmp: &Qmp,
+        events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+        job_ids: &[String],
+        what: &str,
+    ) -> std::collections::HashMap<String, ServiceResult<()>> {
+        let deadline = tokio::time::Instant::now() + crate::snapshot::create::SAVE_TIMEOUT;
+        let mut ended = std::collections::HashMap::new();
+        // Progress is read when no event came for a poll interval, not after every event: a
+        // short commit then costs no monitor round trips beyond its own commands.
+        let mut quiet = false;
+        while ended.len() < job_ids.len() {
+            if quiet
+                && let Some(j) = &self.progress
+                && let Ok(jobs) = qmp.execute("query-block-jobs", None).await
+            {
+                let ours = jobs.as_array().into_iter().flatten().filter(|b| {
+                    b["device"]
+                        .as_str()
+                        .is_some_and(|d| job_ids.iter().any(|id| id == d))
+                });
+                let (done, len) = ours.fold((0, 0), |(o, l), b| {
+                    (
+                        o + b["offset"].as_u64().unwrap_or(0),
+                        l + b["len"].as_u64().unwrap_or(0),
+                    )
+                });
+                j.set_bytes(done, len);
+            }
+            let poll =
+                (tokio::time::Instant::now() + crate::snapshot::create::MIGRATE_POLL).min(deadline);
+            let ev = match qmp
+                .wait_event(events, poll, |e| {
+                    e.data
+                        .get("device")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some_and(|d| job_ids.iter().any(|id| id == d) && !ended.contains_key(d))
+                        && matches!(
+                            e.name.as_str(),
+                            "BLOCK_JOB_READY" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_ERROR"
+                        )
+                })
+                .await
+            {
+                Ok(ev) => {
+                    quiet = false;
+                    ev
+                }
+                Err(crate::qmp::QmpError::Timeout(_)) if tokio::time::Instant::now() < deadline => {
+                    quiet = true;
+                    continue;
+                }
+                Err(e) => {
+                    // The monitor is gone or the time is up: every job still open failed.
+                    let msg = e.to_string();
+                    let mut first = Some(ServiceError::qemu(what.to_string())(e));
+                    for id in job_ids {
+                        ended.entry(id.clone()).or_insert_with(|| {
+                            Err(first.take().unwrap_or_else(|| ServiceError::Io {
+                                context: what.to_string(),
+                                source: std::io::Error::other(msg.clone()),
+                            }))
+                        });
+                    }
+                    break;
+                }
+            };
+            let id = ev.data["device"].as_str().unwrap_or_default().to_string();
+            if let Some(err) = ev.data.get("error").and_then(serde_json::Value::as_str) {
+                ended.insert(
+                    id.clone(),
+                    Err(ServiceError::Qemu {
+                        context: format!("{what} failed"),
+                        source: crate::qmp::QmpError::Command {
+                            class: "GenericError".into(),
+                            desc: err.into(),
+                            command: id,
+                        },
+                    }),
+                );
+                continue;
+            }
+            match ev.name.as_str() {
+                // An active commit waits for the switch to the merged image.
+                "BLOCK_JOB_READY" => {
+                    if let Err(e) = qmp.execute("job-complete", Some(json!({"id": id}))).await {
+                        ended.insert(
+                            id,
+                            Err(ServiceError::qemu(format!("cannot finish {what}"))(e)),
+                        );
+                    }
+                }
+                "BLOCK_JOB_COMPLETED" => {
+                    ended.insert(id, Ok(()));
+                }
+                _ => {}
+            }
+        }
+        ended
     }
 
     /// Follows a block job to its end, reporting bytes and completing it when it is ready (an
@@ -1262,42 +1526,7 @@ impl Actor {
                 remove_quietly(&overlay);
                 Ok(Some((overlay, image, base_fmt)))
             }
-            Merge::CommitLive {
-                device,
-                top,
-                base,
-                overlay,
-                image,
-                base_fmt,
-                active,
-            } => {
-                let qmp = self.qmp()?.clone();
-                let job_id = format!("vmsnap-commit-{}", rec.id.0);
-                let mut events = qmp.subscribe();
-                let mut args = json!({"job-id": job_id, "device": device, "base-node": base});
-                if !active {
-                    args["top-node"] = json!(top);
-                }
-                if let Some(op) = self.journal_op {
-                    journal::append(&self.shared.catalog, op, "merging", json!(overlay));
-                    journal::record(&self.shared.catalog, op, journal::DELETE_MERGING, json!({}));
-                }
-                qmp.execute("block-commit", Some(args))
-                    .await
-                    .map_err(ServiceError::qemu(
-                        "cannot start merging the snapshot's data",
-                    ))?;
-                journal::crash_point(journal::DELETE_MERGING);
-                if let Some(j) = &self.progress {
-                    j.set_phase("merge");
-                }
-                self.wait_block_job(&qmp, &mut events, &job_id, "merging the snapshot's data")
-                    .await?;
-                // The merged overlay left the graph; close it if the monitor still holds it.
-                let _ = qmp.blockdev_del(&top).await;
-                remove_quietly(&overlay);
-                Ok(Some((overlay, image, base_fmt)))
-            }
+            m @ Merge::CommitLive { .. } => Ok(self.commit_live(rec, vec![m]).await?.pop()),
             Merge::Stream {
                 image,
                 backing,
@@ -1462,27 +1691,31 @@ fn remove_quietly(p: &Path) {
     }
 }
 
-/// The backing file (resolved) and its format, per `qemu-img info`.
+/// The backing file (resolved as QEMU resolves it) and its format (`raw` when the header
+/// names none), read from the image's header in-process.
 async fn backing_of(file: &Path) -> ServiceResult<Option<(PathBuf, String)>> {
-    let out = qemu_img(&[
-        "info".as_ref(),
-        "-U".as_ref(),
-        "--output=json".as_ref(),
-        file.as_os_str(),
-    ])
-    .await?;
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    let Some(b) = v["full-backing-filename"]
-        .as_str()
-        .or(v["backing-filename"].as_str())
-    else {
-        return Ok(None);
-    };
-    let fmt = v["backing-filename-format"]
-        .as_str()
-        .unwrap_or("raw")
-        .to_string();
-    Ok(Some((PathBuf::from(b), fmt)))
+    let f = file.to_path_buf();
+    blocking(move || read_backing(&f))
+        .await?
+        .map_err(ServiceError::io(format!(
+            "cannot read the header of {}",
+            file.display()
+        )))
+}
+
+/// [`backing_of`] on the calling thread.
+fn read_backing(file: &Path) -> std::io::Result<Option<(PathBuf, String)>> {
+    Ok(crate::qcow2::probe(file)?.backing.map(|b| {
+        let fmt = b.format.unwrap_or_else(|| "raw".into());
+        (b.path, fmt)
+    }))
+}
+
+/// Runs file reads off the actor's task (image headers of possibly many files).
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ServiceResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServiceError::io("a file-reading task failed")(std::io::Error::other(e)))
 }
 
 #[cfg(test)]

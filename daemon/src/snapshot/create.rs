@@ -37,8 +37,13 @@ use crate::qmp::Qmp;
 
 /// How long an internal `snapshot-save` may take.
 pub const SAVE_TIMEOUT: Duration = Duration::from_secs(3600);
-/// How often migration progress is polled while VM state is written to a file.
+/// How often a QEMU job's state is read while its events are awaited (a safety net only).
+const JOB_RECHECK: Duration = Duration::from_secs(1);
+/// How often polling loops look again (block job progress, the end of a cancelled migration).
 pub const MIGRATE_POLL: Duration = Duration::from_millis(50);
+/// How often a VM state save's progress is read while it waits for QEMU's next `MIGRATION`
+/// event (the event, not this interval, ends the wait when the save changes state).
+const MIGRATE_PROGRESS: Duration = Duration::from_millis(250);
 /// Bandwidth limit set for writing VM state to a local file: in effect none.
 const MIGRATE_MAX_BANDWIDTH: u64 = 1 << 40;
 /// Test-hook step: new overlay files created and their nodes added, the guest not yet touched.
@@ -515,52 +520,54 @@ async fn live_steps(
     }
     // New overlays: files first, then their nodes (not yet in the graph).
     let mut actions = Vec::new();
+    // Node names in use are read from QEMU only when a first choice is refused: on a long
+    // chain the list is a large reply that QEMU takes tens of milliseconds to build.
     let mut taken = std::collections::HashSet::new();
-    if plan.disks.iter().any(|d| d.mode == DiskMode::External) {
-        taken.extend(
-            qmp.query_named_block_nodes()
-                .await
-                .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
-                .into_iter()
-                .map(|n| n.node_name),
-        );
-    }
     for d in plan.disks.iter().filter(|d| d.mode == DiskMode::External) {
         let top = &tops[&d.target];
         let overlay = d
             .overlay
             .as_ref()
             .expect("planned external disks have an overlay");
-        drop(create_exclusive(overlay)?);
+        let file = create_exclusive(overlay)?;
         undo.files.push(overlay.clone());
-        let size = top.virtual_size.to_string();
-        qemu_img(&[
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-u".as_ref(),
-            "-F".as_ref(),
-            top.format.as_str().as_ref(),
-            "-b".as_ref(),
-            d.image.as_os_str(),
-            overlay.as_os_str(),
-            size.as_ref(),
-        ])
-        .await?;
-        let node = overlay_node(&taken, snapshot, &d.target);
+        // The header of an empty overlay is written in-process into the file just created:
+        // a `qemu-img create` process per disk cost more than all the rest of a snapshot.
+        crate::qcow2::write_overlay(&file, &d.image, &top.format, top.virtual_size).map_err(
+            io_context(format!("cannot write the overlay {}", overlay.display())),
+        )?;
+        drop(file);
+        let add = |node: &str| {
+            qmp.blockdev_add(json!({
+                "driver": "qcow2",
+                "node-name": node,
+                "file": {"driver": "file", "filename": overlay},
+                "backing": null,
+            }))
+        };
+        let mut node = overlay_node(&taken, snapshot, &d.target);
+        if let Err(first) = add(&node).await {
+            // Perhaps the name is in use (snapshot ids are used again after a failed
+            // snapshot): once more with a name that is free, else the first error.
+            taken.extend(
+                qmp.query_named_block_nodes()
+                    .await
+                    .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
+                    .into_iter()
+                    .map(|n| n.node_name),
+            );
+            let free = overlay_node(&taken, snapshot, &d.target);
+            let opened = match free == node {
+                true => Err(first),
+                false => add(&free).await,
+            };
+            opened.map_err(ServiceError::qemu(format!(
+                "cannot open the new overlay of disk {}",
+                d.target
+            )))?;
+            node = free;
+        }
         taken.insert(node.clone());
-        qmp.blockdev_add(json!({
-            "driver": "qcow2",
-            "node-name": node,
-            "file": {"driver": "file", "filename": overlay},
-            "backing": null,
-        }))
-        .await
-        .map_err(ServiceError::qemu(format!(
-            "cannot open the new overlay of disk {}",
-            d.target
-        )))?;
         undo.nodes.push(node.clone());
         actions.push(
             json!({"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}),
@@ -636,7 +643,9 @@ async fn live_steps(
             }
             job.set_phase("memory");
             job.set_cancelable(true);
-            let saved = begin_external_save(qmp, &f, job).await;
+            // Subscribed before the migration starts, so that no status event is missed.
+            let mut events = qmp.subscribe();
+            let saved = begin_external_save(qmp, &f, job, &mut events).await;
             if saved.is_ok() {
                 undo.at_switchover = true;
                 step(crate::journal::CREATE_MEMORY);
@@ -659,7 +668,7 @@ async fn live_steps(
                 return Err(e);
             }
             job.set_phase("memory");
-            finish_external_save(qmp, job, undo).await?;
+            finish_external_save(qmp, job, undo, &mut events).await?;
             drop(f);
             if running && plan.live {
                 // The migration stopped the vCPUs at the switchover: resume them below.
@@ -757,19 +766,30 @@ pub async fn wait_job_concluded(
             )
         }
     };
+    // The job's own `JOB_STATUS_CHANGE` events say when it concluded (`events` was subscribed
+    // before the job started); `query-jobs` is read then, for its error, and every
+    // JOB_RECHECK in case an event was lost to a lagging receiver. Reading it at every status
+    // change cost a monitor round trip each on a busy guest.
     let info = loop {
+        let recheck = (Instant::now() + JOB_RECHECK).min(deadline);
+        match qmp
+            .wait_event(events, recheck, |e| {
+                e.name == "JOB_STATUS_CHANGE"
+                    && e.data.get("id").and_then(Value::as_str) == Some(job_id)
+                    && e.data.get("status").and_then(Value::as_str) == Some("concluded")
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(crate::qmp::QmpError::Timeout(_)) if Instant::now() < deadline => {}
+            Err(e) => return Err(ServiceError::qemu(what.to_string())(e)),
+        }
         if let Some(j) = concluded(qmp)
             .await
             .map_err(ServiceError::qemu(what.to_string()))?
         {
             break j;
         }
-        qmp.wait_event(events, deadline, |e| {
-            e.name == "JOB_STATUS_CHANGE"
-                && e.data.get("id").and_then(Value::as_str) == Some(job_id)
-        })
-        .await
-        .map_err(ServiceError::qemu(what.to_string()))?;
     };
     let _ = qmp.job_dismiss(job_id).await;
     match info.error {
@@ -787,11 +807,21 @@ pub async fn wait_job_concluded(
 
 /// Starts writing the VM state to `file` by migration and follows it until the switchover
 /// point, where the vCPUs are stopped and the disks are still active. Cancellable until then.
-async fn begin_external_save(qmp: &Qmp, file: &std::fs::File, job: &Job) -> ServiceResult<()> {
+/// `events` must be subscribed before the call: QEMU's `MIGRATION` events (capability
+/// `events`) end each wait, so the save goes on the moment QEMU changes state.
+async fn begin_external_save(
+    qmp: &Qmp,
+    file: &std::fs::File,
+    job: &Job,
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+) -> ServiceResult<()> {
     let prep = || ServiceError::qemu("cannot prepare the VM state save");
     qmp.execute(
         "migrate-set-capabilities",
-        Some(json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]})),
+        Some(json!({"capabilities": [
+            {"capability": "pause-before-switchover", "state": true},
+            {"capability": "events", "state": true},
+        ]})),
     )
     .await
     .map_err(prep())?;
@@ -838,21 +868,62 @@ async fn begin_external_save(qmp: &Qmp, file: &std::fs::File, job: &Job) -> Serv
                 .await
                 .map_err(ServiceError::qemu("cannot cancel the VM state save"))?;
         }
-        tokio::time::sleep(MIGRATE_POLL).await;
+        next_migration_change(qmp, events, (!cancelling).then_some(&cancel)).await;
     }
 }
 
 /// Lets a migration stopped at the switchover point finish; the images are then inactive.
-async fn finish_external_save(qmp: &Qmp, job: &Job, undo: &mut Undo) -> ServiceResult<()> {
+async fn finish_external_save(
+    qmp: &Qmp,
+    job: &Job,
+    undo: &mut Undo,
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+) -> ServiceResult<()> {
     qmp.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))
         .await
         .map_err(ServiceError::qemu("cannot finish the VM state save"))?;
     undo.images_inactive = true;
     loop {
         if poll_migration(qmp, job).await? == MigrationStatus::Completed {
-            return Ok(());
+            break;
         }
-        tokio::time::sleep(MIGRATE_POLL).await;
+        next_migration_change(qmp, events, None).await;
+    }
+    // QEMU reports `completed` (event and `query-migrate`) just before its main loop leaves
+    // `finish-migrate`, and refuses `cont` until then; no event marks that moment.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while qmp
+        .query_status()
+        .await
+        .map_err(ServiceError::qemu("cannot follow the VM state save"))?
+        .status
+        == "finish-migrate"
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+/// Waits for QEMU's next `MIGRATION` event, for `cancel` (when given) or for the next progress
+/// read, whichever comes first; the caller then reads the migration's state.
+async fn next_migration_change(
+    qmp: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::Event>,
+    cancel: Option<&tokio_util::sync::CancellationToken>,
+) {
+    let deadline = Instant::now() + MIGRATE_PROGRESS;
+    let event = qmp.wait_named_event(events, "MIGRATION", deadline);
+    match cancel {
+        Some(c) => {
+            tokio::select! {
+                _ = event => {}
+                () = c.cancelled() => {}
+            }
+        }
+        None => {
+            let _ = event.await;
+        }
     }
 }
 

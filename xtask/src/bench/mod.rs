@@ -6,8 +6,15 @@
 //! real QEMU) drives exactly what was built. The full run writes `BENCHMARKS.md` in the
 //! workspace root and prints it; the smoke run (tiny counts, no 1 GiB guest) only prints.
 //! Method and caveats are written into the report itself (see [`report`]).
-//! `--only catalog` (or `VMSNAP_BENCH_ONLY=catalog` for `bench-run`) runs only the catalog
-//! scale and prints it (for profiling).
+//!
+//! Options: `--only ops|catalog` measures one part and prints its table without writing
+//! `BENCHMARKS.md` (for before/after comparisons; `VMSNAP_BENCH_ONLY` is the same as an
+//! environment variable); `--accel tcg|kvm` picks the accelerator of every guest, vmsnapd's
+//! (through the harness's `VMSNAP_TEST_ACCEL`) and the floor QEMU's alike. The default is TCG:
+//! on hosts where `/dev/kvm` opens under nested virtualisation, KVM guests can run far slower
+//! than TCG ones, and the test suite runs every guest under TCG too. For profiling,
+//! `VMSNAP_BENCH_DAEMON_LOG=FILE` keeps the operations' daemon log (its level comes from
+//! `VMSNAP_TEST_LOG_LEVEL`, `info` unless set: `debug` logs every QMP command and event).
 
 mod catalog;
 mod guest;
@@ -23,6 +30,68 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+/// Which part of the benchmark to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Only {
+    /// Everything, writing `BENCHMARKS.md` (unless a smoke run).
+    All,
+    /// The operations against the raw QMP floor, printed only.
+    Ops,
+    /// The catalog scale, printed only.
+    Catalog,
+}
+
+impl Only {
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "ops" => Ok(Only::Ops),
+            "catalog" => Ok(Only::Catalog),
+            other => bail!("--only takes ops or catalog, not {other:?}"),
+        }
+    }
+}
+
+/// The environment variable through which the harness picks the accelerator of vmsnapd's
+/// guests (`VMSNAPD_ACCEL` of the daemon it starts); the floor QEMU reads it too.
+pub const ACCEL_ENV: &str = "VMSNAP_TEST_ACCEL";
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone)]
+struct Args {
+    smoke: bool,
+    only: Only,
+    accel: String,
+}
+
+const USAGE: &str = "usage: cargo xtask bench [--smoke] [--only ops|catalog] [--accel tcg|kvm]";
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut out = Args {
+        smoke: false,
+        only: match std::env::var("VMSNAP_BENCH_ONLY") {
+            Ok(v) => Only::parse(&v)?,
+            Err(_) => Only::All,
+        },
+        accel: "tcg".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--smoke" => out.smoke = true,
+            "--only" => out.only = Only::parse(it.next().context(USAGE)?)?,
+            "--accel" => {
+                let v = it.next().context(USAGE)?;
+                if !matches!(v.as_str(), "tcg" | "kvm") {
+                    bail!("--accel takes tcg or kvm, not {v:?}");
+                }
+                out.accel = v.clone();
+            }
+            _ => bail!("{USAGE}"),
+        }
+    }
+    Ok(out)
+}
 
 /// How much to measure.
 #[derive(Debug, Clone)]
@@ -80,22 +149,11 @@ pub fn block<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
         .block_on(future)
 }
 
-/// `cargo xtask bench [--smoke] [--only catalog]`: build, then run the measurements in a
-/// child. `--only catalog` measures the catalog scale alone and prints it (writes nothing).
+/// `cargo xtask bench [--smoke] [--only ops|catalog] [--accel tcg|kvm]`: build, then run
+/// the measurements in a child.
 pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
-    let mut smoke = false;
-    let mut only_catalog = false;
-    let mut rest = args.iter();
-    while let Some(a) = rest.next() {
-        match (a.as_str(), rest.as_slice().first().map(String::as_str)) {
-            ("--smoke", _) => smoke = true,
-            ("--only", Some("catalog")) => {
-                only_catalog = true;
-                rest.next();
-            }
-            _ => bail!("usage: cargo xtask bench [--smoke] [--only catalog]"),
-        }
-    }
+    let parsed = parse_args(args)?;
+    let smoke = parsed.smoke;
     let profile = if smoke { "debug" } else { "release" };
     let mut build = Command::new(cargo);
     build
@@ -120,13 +178,12 @@ pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
         .arg("bench-run")
         .env("VMSNAPD_BIN", target.join("vmsnapd"))
         .env("VMSNAP_BIN", target.join("vmsnap"))
-        .env("VMSNAP_TEST_LOG_LEVEL", "info");
-    if smoke {
-        run.arg("--smoke");
-    }
-    if only_catalog {
-        run.env("VMSNAP_BENCH_ONLY", "catalog");
-    }
+        .env(
+            "VMSNAP_TEST_LOG_LEVEL",
+            std::env::var("VMSNAP_TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()),
+        )
+        .env(ACCEL_ENV, &parsed.accel)
+        .args(args);
     let status = run.status().context("cannot run the benchmark")?;
     if !status.success() {
         bail!("the benchmark failed ({status})");
@@ -134,16 +191,31 @@ pub fn bench(root: &Path, cargo: &str, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `xtask bench-run [--smoke]`: the measurements themselves (started by [`bench`]).
+/// `xtask bench-run [OPTIONS]`: the measurements themselves (started by [`bench`], with the
+/// same options and [`ACCEL_ENV`] set).
 pub fn bench_run(root: &Path, args: &[String]) -> Result<()> {
-    let settings = Settings::new(args.iter().any(|a| a == "--smoke"));
+    let parsed = parse_args(args)?;
+    let settings = Settings::new(parsed.smoke);
     let started = Instant::now();
-    if std::env::var("VMSNAP_BENCH_ONLY").as_deref() == Ok("catalog") {
-        // For profiling the catalog side alone: measure and print, write nothing.
-        for scale in catalog::run(&settings)? {
-            println!("{scale:?}");
+    match parsed.only {
+        Only::All => {}
+        Only::Catalog => {
+            // For profiling the catalog side alone: measure and print, write nothing.
+            for scale in catalog::run(&settings)? {
+                println!("{scale:?}");
+            }
+            return Ok(());
         }
-        return Ok(());
+        Only::Ops => {
+            eprintln!(
+                "bench: operations only ({} repetitions each, accelerator {})",
+                settings.reps,
+                ops::accel()
+            );
+            let ops = ops::run(&settings)?;
+            println!("{}", report::ops_only(&ops, started.elapsed()));
+            return Ok(());
+        }
     }
     let facts = report::machine_facts()?;
     eprintln!("bench: operations ({} repetitions each)", settings.reps);

@@ -79,15 +79,15 @@ impl Ctx<'_> {
     }
 }
 
-/// The accelerator vmsnapd picks (`kvm` when `/dev/kvm` opens read-write, else `tcg`); the
-/// floor QEMU uses the same one, so both sides run the same kind of guest.
+/// The accelerator of every guest of the run (`--accel`, passed down as
+/// [`super::ACCEL_ENV`], which the harness hands to vmsnapd as `VMSNAPD_ACCEL`): `tcg` unless
+/// `kvm` was asked for. The floor QEMU uses the same one, so both sides run the same kind of
+/// guest.
 pub fn accel() -> &'static str {
-    let kvm = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if kvm { "kvm" } else { "tcg" }
+    match std::env::var(super::ACCEL_ENV).as_deref() {
+        Ok("kvm") => "kvm",
+        _ => "tcg",
+    }
 }
 
 /// A floor QEMU of the benchmark's own, like the harness's `ForeignQemu` (q35, `-nodefaults`,
@@ -165,6 +165,12 @@ pub fn run(settings: &Settings) -> Result<OpsReport> {
         let (row, mut n) = external_checkpoint(&ctx, big)?;
         rows.push(row);
         notes.append(&mut n);
+    }
+    // For profiling: the daemon's log (with `VMSNAP_TEST_LOG_LEVEL=debug`, every QMP command
+    // and event with its time) kept where `VMSNAP_BENCH_DAEMON_LOG` says.
+    if let Some(path) = std::env::var_os("VMSNAP_BENCH_DAEMON_LOG") {
+        std::fs::write(&path, ctx.env.daemon.log())
+            .with_context(|| format!("cannot write {}", Path::new(&path).display()))?;
     }
     Ok(OpsReport { rows, notes })
 }

@@ -63,7 +63,7 @@ pub fn machine_facts() -> Result<Facts> {
         (
             "accelerator".into(),
             format!(
-                "{} (what vmsnapd picks here; the floor QEMU uses the same)",
+                "{} (`--accel`, default tcg; vmsnapd's guests and the floor QEMU alike)",
                 super::ops::accel()
             ),
         ),
@@ -88,6 +88,21 @@ fn maybe(r: &Result<Duration, String>) -> String {
 
 fn yes_no(ok: bool) -> &'static str {
     if ok { "yes" } else { "**no**" }
+}
+
+/// The operations table alone, for `--only ops` (printed, not written).
+pub fn ops_only(ops: &OpsReport, took: Duration) -> String {
+    let mut s = format!(
+        "## Operations against the raw QMP floor (accelerator {}, {:.0} s)\n\n",
+        super::ops::accel(),
+        took.as_secs_f64()
+    );
+    s.push_str(&table(&ops.rows));
+    s.push('\n');
+    for n in &ops.notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    s
 }
 
 /// The whole markdown document.
@@ -176,15 +191,17 @@ pub fn render(
          - `cargo xtask bench` builds the workspace with `cargo build --release --workspace`, then \
            runs the benchmark with the test harness (`vmsnap-tests`): a private `dbus-daemon` \
            with the project's policy, the release `vmsnapd` (ready on `READY=1`, log level \
-           `info`), the release `vmsnap` client, and QEMU with the accelerator vmsnapd picks (KVM when `/dev/kvm` opens, else TCG). Everything it creates lives \
+           `info`), the release `vmsnap` client, and QEMU under the accelerator of `--accel` (TCG by \
+           default, as in the test suite: where `/dev/kvm` opens under nested virtualisation \
+           KVM guests can run far slower than TCG). Everything it creates lives \
            in temporary directories that are removed at the end.\n\
          - **vmsnap D-Bus**: the time from sending the method call (zbus proxies of \
            `vmsnap-dbus`, one connection) to its reply; long operations wait for their result \
            (no `async`). **vmsnap client**: the `vmsnap` binary run end to end (process start, \
            bus connection, call, output). **Raw QMP floor**: the benchmark's own QMP client on \
            a QEMU it started itself (like the harness's `ForeignQemu`: q35, `-nodefaults`, \
-           `-blockdev` disks on virtio-blk, but with vmsnapd's accelerator, which `ForeignQemu` \
-           fixes to TCG; the same disks, guest code and RAM size), doing the least QEMU needs \
+           `-blockdev` disks on virtio-blk, with the same accelerator as vmsnapd's guests; the \
+           same disks, guest code and RAM size), doing the least QEMU needs \
            for the same effect.\n\
          - The three columns are interleaved per repetition ({} repetitions; {} for the 1 GiB \
            guest), so slow phases of a shared machine hit all of them alike. Ratios, not \
