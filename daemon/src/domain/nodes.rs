@@ -49,15 +49,30 @@ impl FormatNode {
     }
 }
 
-/// The format node whose protocol child opens `image`, or `None` when the guest does not use
-/// the file.
-pub async fn format_node_of(qmp: &Qmp, image: &Path) -> Result<Option<FormatNode>, QmpError> {
-    let nodes = qmp.query_named_block_nodes().await?;
-    let graph = qmp.query_block_graph().await?;
-    Ok(find_format_node(&nodes, &graph, image))
+/// The running guest's named nodes and their edges, read once for several lookups (on a long
+/// chain QEMU takes milliseconds to build the node list).
+pub struct Graph {
+    nodes: Vec<crate::qmp::BlockDeviceInfo>,
+    graph: BlockGraph,
 }
 
-/// The pure part of [`format_node_of`].
+impl Graph {
+    /// Reads the node list and the graph from QEMU.
+    pub async fn fetch(qmp: &Qmp) -> Result<Graph, QmpError> {
+        Ok(Graph {
+            nodes: qmp.query_named_block_nodes().await?,
+            graph: qmp.query_block_graph().await?,
+        })
+    }
+
+    /// The format node whose protocol child opens `image`, or `None` when the guest does not
+    /// use the file.
+    pub fn format_node_of(&self, image: &Path) -> Option<FormatNode> {
+        find_format_node(&self.nodes, &self.graph, image)
+    }
+}
+
+/// The pure part of [`Graph::format_node_of`].
 fn find_format_node(
     nodes: &[crate::qmp::BlockDeviceInfo],
     graph: &BlockGraph,
@@ -123,20 +138,18 @@ pub async fn with_writable<T>(
     result
 }
 
-/// Deletes internal tag `tag` from `image` through the running guest's QEMU with a
-/// `snapshot-delete` job named `job_id`. `Ok(false)` when the guest does not use the image
-/// (the caller edits the file offline instead).
+/// Deletes internal tag `tag` from `image` through the running guest's QEMU (whose nodes
+/// `graph` holds) with a `snapshot-delete` job named `job_id`. `Ok(false)` when the guest does
+/// not use the image (the caller edits the file offline instead).
 pub async fn delete_tag_live(
     qmp: &Qmp,
+    graph: &Graph,
     image: &Path,
     tag: &str,
     job_id: &str,
     what: &str,
 ) -> ServiceResult<bool> {
-    let Some(node) = format_node_of(qmp, image)
-        .await
-        .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?
-    else {
+    let Some(node) = graph.format_node_of(image) else {
         return Ok(false);
     };
     with_writable(qmp, &node, async {

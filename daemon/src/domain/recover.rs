@@ -592,7 +592,12 @@ impl Actor {
             (Some(q), true) => {
                 let job_id = format!("vmsnap-recover-{}-{target}", rec.id.0);
                 let what = "removing an unfinished snapshot's tag";
-                super::nodes::delete_tag_live(&q, image, &rec.name, &job_id, what).await
+                match super::nodes::Graph::fetch(&q).await {
+                    Ok(g) => {
+                        super::nodes::delete_tag_live(&q, &g, image, &rec.name, &job_id, what).await
+                    }
+                    Err(e) => Err(ServiceError::qemu("cannot list the guest's block nodes")(e)),
+                }
             }
             _ => Ok(false),
         };

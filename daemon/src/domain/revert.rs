@@ -827,8 +827,19 @@ impl Actor {
             if mem.mode == "external" {
                 memory_file = mem.file.clone();
             }
-            for d in disks.iter().filter(|d| d.mode == "internal") {
-                self.delete_internal_tag(&rec, d).await?;
+            let internal: Vec<&DiskRecord> =
+                disks.iter().filter(|d| d.mode == "internal").collect();
+            // Like the nodes above: the graph is read once for all the tags.
+            let graph = match (&self.qmp, self.state().is_active(), internal.is_empty()) {
+                (Some(q), true, false) => Some(
+                    super::nodes::Graph::fetch(q)
+                        .await
+                        .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?,
+                ),
+                _ => None,
+            };
+            for d in internal {
+                self.delete_internal_tag(&rec, d, graph.as_ref()).await?;
             }
             self.journal_step(journal::DELETE_TAGS, json!({}));
             let merged_any = merges.iter().any(|m| !matches!(m, Merge::Keep));
@@ -911,7 +922,12 @@ impl Actor {
         Ok(())
     }
 
-    async fn delete_internal_tag(&self, rec: &SnapshotRecord, d: &DiskRecord) -> ServiceResult<()> {
+    async fn delete_internal_tag(
+        &self,
+        rec: &SnapshotRecord,
+        d: &DiskRecord,
+        graph: Option<&super::nodes::Graph>,
+    ) -> ServiceResult<()> {
         if !self.resumed_merges.is_empty() || self.journal_resuming {
             // Recovery runs an interrupted delete again: a tag already removed is done.
             let tags = qemu_img(&[
@@ -933,10 +949,11 @@ impl Actor {
                 return Ok(());
             }
         }
-        if let (Some(qmp), true) = (&self.qmp, self.state().is_active()) {
+        if let (Some(qmp), Some(graph)) = (&self.qmp, graph) {
             let job_id = format!("vmsnap-del-{}-{}", rec.id.0, d.target);
             let what = "deleting the internal snapshot";
-            if super::nodes::delete_tag_live(qmp, &d.image, &rec.name, &job_id, what).await? {
+            if super::nodes::delete_tag_live(qmp, graph, &d.image, &rec.name, &job_id, what).await?
+            {
                 return Ok(());
             }
         }
