@@ -90,21 +90,23 @@ pub fn step(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, ex
 /// crash point comes later, see [`DELETE_MERGING`]).
 pub fn record(catalog: &std::sync::Mutex<Catalog>, op: OperationId, step: &str, extra: Value) {
     debug_assert!(STEPS.contains(&step), "unlisted journal step {step}");
-    {
-        let mut cat = catalog.lock().expect("catalog lock poisoned");
-        let mut payload = cat
-            .pending_operations()
-            .ok()
-            .and_then(|ops| ops.into_iter().find(|o| o.id == op))
-            .map(|o| o.payload)
-            .unwrap_or_else(|| Value::Object(Default::default()));
-        if let (Some(p), Value::Object(e)) = (payload.as_object_mut(), extra) {
-            p.extend(e);
-        }
-        if let Err(e) = cat.set_operation_step(op, step, &payload) {
-            warn!(step, error = %e, "could not journal an operation step");
-        }
+    let mut cat = catalog.lock().expect("catalog lock poisoned");
+    let mut payload = pending_payload(&mut cat, op);
+    if let (Some(p), Value::Object(e)) = (payload.as_object_mut(), extra) {
+        p.extend(e);
     }
+    if let Err(e) = cat.set_operation_step(op, step, &payload) {
+        warn!(step, error = %e, "could not journal an operation step");
+    }
+}
+
+/// The payload `op` has journaled so far (an empty object if the row cannot be read).
+fn pending_payload(cat: &mut Catalog, op: OperationId) -> Value {
+    cat.pending_operations()
+        .ok()
+        .and_then(|ops| ops.into_iter().find(|o| o.id == op))
+        .map(|o| o.payload)
+        .unwrap_or_else(|| Value::Object(Default::default()))
 }
 
 /// Appends `value` to the array `key` of `op`'s payload, leaving its step as it is (for
@@ -140,12 +142,7 @@ pub fn record_appending(
 ) {
     debug_assert!(STEPS.contains(&step), "unlisted journal step {step}");
     let mut cat = catalog.lock().expect("catalog lock poisoned");
-    let mut payload = cat
-        .pending_operations()
-        .ok()
-        .and_then(|ops| ops.into_iter().find(|o| o.id == op))
-        .map(|o| o.payload)
-        .unwrap_or_else(|| Value::Object(Default::default()));
+    let mut payload = pending_payload(&mut cat, op);
     match payload[key].as_array_mut() {
         Some(list) => list.extend(values),
         None => payload[key] = Value::Array(values),

@@ -1108,28 +1108,17 @@ impl Actor {
                     rec.name, d.target
                 ))),
             }
-            .map(|m| match m {
-                Merge::CommitLive {
+            .map(|mut m| {
+                if let Merge::CommitLive {
                     device,
                     top,
-                    base,
-                    overlay,
-                    image,
-                    base_fmt,
+                    active,
                     ..
-                } => {
-                    let active = device == top;
-                    Merge::CommitLive {
-                        device,
-                        top,
-                        base,
-                        overlay,
-                        image,
-                        base_fmt,
-                        active,
-                    }
+                } = &mut m
+                {
+                    *active = device == top;
                 }
-                other => other,
+                m
             })
         } else {
             // Branches: each dependent takes a copy of the image's data (a safe rebase onto the
