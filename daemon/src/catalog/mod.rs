@@ -589,24 +589,28 @@ impl Catalog {
     /// [`begin_operation`](Self::begin_operation) and
     /// [`insert_pending_snapshot`](Self::insert_pending_snapshot) in one transaction (one
     /// fsync instead of two): the journal row and the pending record exist together or not
-    /// at all.
+    /// at all. The row starts at `step`, and its payload names the record (`snapshot`).
     pub fn begin_operation_with_pending_snapshot(
         &mut self,
         kind: &str,
+        step: &str,
         payload: &Value,
         s: &NewSnapshot,
     ) -> Result<(OperationId, SnapshotRecord), CatalogError> {
-        let payload = payload.to_string();
         let started_at = now();
         self.transaction(|tx| {
             domain_exists(tx, s.domain_id)?;
+            let rec = insert_snapshot(tx, s, SnapshotStatus::Pending)?;
+            let mut payload = payload.clone();
+            if let Some(p) = payload.as_object_mut() {
+                p.insert("snapshot".into(), rec.id.0.into());
+            }
             tx.prepare_cached(
                 "INSERT INTO operations (domain_id, kind, step, payload, started_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute((s.domain_id, kind, OPERATION_STARTED, &payload, started_at))?;
+            .execute((s.domain_id, kind, step, payload.to_string(), started_at))?;
             let op = OperationId(tx.last_insert_rowid());
-            let rec = insert_snapshot(tx, s, SnapshotStatus::Pending)?;
             Ok((op, rec))
         })
     }

@@ -751,18 +751,25 @@ fn create_in_two_transactions_journals_then_commits_atomically() {
     let (op, rec) = cat
         .begin_operation_with_pending_snapshot(
             "create-snapshot",
+            OPERATION_STARTED,
             &json!({"name": "s1"}),
             &new_snapshot(d, "s1", None),
         )
         .unwrap();
     assert_eq!(rec.status, SnapshotStatus::Pending);
-    assert_eq!(cat.pending_operations().unwrap()[0].id, op);
+    let pending = &cat.pending_operations().unwrap()[0];
+    assert_eq!(pending.id, op);
+    assert_eq!(
+        pending.payload["snapshot"], rec.id.0,
+        "the row names its record"
+    );
     assert_eq!(cat.domain(d).unwrap().current_snapshot, None);
 
     // A clashing name adds neither the journal row nor the record.
     assert!(matches!(
         cat.begin_operation_with_pending_snapshot(
             "create-snapshot",
+            OPERATION_STARTED,
             &json!({}),
             &new_snapshot(d, "s1", None)
         ),
@@ -787,6 +794,7 @@ fn create_in_two_transactions_journals_then_commits_atomically() {
     let (op2, rec2) = cat
         .begin_operation_with_pending_snapshot(
             "create-snapshot",
+            OPERATION_STARTED,
             &json!({}),
             &new_snapshot(d, "s2", Some(rec.id)),
         )

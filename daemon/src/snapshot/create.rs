@@ -357,6 +357,7 @@ async fn run(
         .expect("catalog lock poisoned")
         .begin_operation_with_pending_snapshot(
             crate::journal::KIND_CREATE,
+            crate::journal::CREATE_RECORDED,
             &json!({
                 "name": plan.name,
                 "files": files,
@@ -381,12 +382,8 @@ async fn run(
         )?;
     undo.operation = Some(op);
     undo.record = Some(rec.id);
-    crate::journal::step(
-        catalog,
-        op,
-        crate::journal::CREATE_RECORDED,
-        json!({"snapshot": rec.id.0}),
-    );
+    // The row started at this step, naming the record: no commit of its own.
+    crate::journal::crash_point(crate::journal::CREATE_RECORDED);
     let step = |name: &str| crate::journal::step(catalog, op, name, json!({}));
     match target.qmp {
         Some(qmp) => live_steps(qmp, plan, target.running, job, rec.id, &tops, undo, &step).await?,
