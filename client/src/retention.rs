@@ -20,26 +20,17 @@ use crate::{Opts, domain_proxy};
 /// How many `-N` suffixes `schedule run` tries when a name of the same second exists.
 const MAX_NAME_SUFFIX: u32 = 20;
 
-const POLICY_KEYS: [&str; 7] = [
-    key::KEEP_LAST,
-    key::KEEP_HOURLY,
-    key::KEEP_DAILY,
-    key::KEEP_WEEKLY,
-    key::KEEP_MONTHLY,
-    key::KEEP_YEARLY,
-    key::MAX_AGE,
-];
-
 fn policy_opts(p: &PolicyArgs) -> Opts<'_> {
     let mut o = Opts::new();
-    for (k, v) in [
-        (key::KEEP_LAST, p.keep_last),
-        (key::KEEP_HOURLY, p.keep_hourly),
-        (key::KEEP_DAILY, p.keep_daily),
-        (key::KEEP_WEEKLY, p.keep_weekly),
-        (key::KEEP_MONTHLY, p.keep_monthly),
-        (key::KEEP_YEARLY, p.keep_yearly),
-    ] {
+    let counts = [
+        p.keep_last,
+        p.keep_hourly,
+        p.keep_daily,
+        p.keep_weekly,
+        p.keep_monthly,
+        p.keep_yearly,
+    ];
+    for (k, v) in key::KEEP_KEYS.into_iter().zip(counts) {
         if let Some(n) = v {
             o.insert(k, Variant::U32(n));
         }
@@ -160,7 +151,7 @@ fn schedule_json(domain: &str, raw: &HashMap<String, OwnedVariant>) -> Value {
             .to_string()
     };
     let mut retention = Map::new();
-    for k in POLICY_KEYS {
+    for k in key::POLICY_KEYS {
         if let Some(v) = raw.get(k) {
             let n = u64::try_from(v)
                 .ok()

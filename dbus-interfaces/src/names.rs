@@ -121,6 +121,25 @@ pub mod retention {
     /// `t` seconds, or `s` like `30d`, `12h`, `1w2d`: delete candidates older than this even
     /// when a keep rule would keep them (protected and current snapshots stay).
     pub const MAX_AGE: &str = "max-age";
+    /// The keep rules, in the order of their periods (`keep-last` first).
+    pub const KEEP_KEYS: [&str; 6] = [
+        KEEP_LAST,
+        KEEP_HOURLY,
+        KEEP_DAILY,
+        KEEP_WEEKLY,
+        KEEP_MONTHLY,
+        KEEP_YEARLY,
+    ];
+    /// Every key of a retention policy: the keep rules and `max-age`.
+    pub const POLICY_KEYS: [&str; 7] = [
+        KEEP_LAST,
+        KEEP_HOURLY,
+        KEEP_DAILY,
+        KEEP_WEEKLY,
+        KEEP_MONTHLY,
+        KEEP_YEARLY,
+        MAX_AGE,
+    ];
     /// `s`: in `Domain.Schedule`, the kind of scheduled snapshot: `disk-only` or `checkpoint`.
     pub const KIND: &str = "kind";
     /// `s`: in `Domain.Schedule`, the prefix of scheduled snapshots' names.

@@ -31,15 +31,7 @@ use crate::snapshot::retention::{self, Policy, SnapshotFacts};
 use crate::snapshot::schedule::{self, ScheduleKind, ScheduleSettings};
 
 /// The policy keys, for `Options::parse`.
-const POLICY_KEYS: &[&str] = &[
-    key::KEEP_LAST,
-    key::KEEP_HOURLY,
-    key::KEEP_DAILY,
-    key::KEEP_WEEKLY,
-    key::KEEP_MONTHLY,
-    key::KEEP_YEARLY,
-    key::MAX_AGE,
-];
+const POLICY_KEYS: &[&str] = &key::POLICY_KEYS;
 
 /// The longest accepted origin word.
 const MAX_ORIGIN_LEN: usize = 32;
@@ -117,14 +109,15 @@ fn policy_dict(p: &Policy, out: &mut HashMap<String, OwnedVariant>) {
             out.insert(k.to_string(), v);
         }
     };
-    for (k, v) in [
-        (key::KEEP_LAST, p.keep_last),
-        (key::KEEP_HOURLY, p.keep_hourly),
-        (key::KEEP_DAILY, p.keep_daily),
-        (key::KEEP_WEEKLY, p.keep_weekly),
-        (key::KEEP_MONTHLY, p.keep_monthly),
-        (key::KEEP_YEARLY, p.keep_yearly),
-    ] {
+    let counts = [
+        p.keep_last,
+        p.keep_hourly,
+        p.keep_daily,
+        p.keep_weekly,
+        p.keep_monthly,
+        p.keep_yearly,
+    ];
+    for (k, v) in key::KEEP_KEYS.into_iter().zip(counts) {
         if let Some(n) = v {
             put(k, Variant::U32(n));
         }
