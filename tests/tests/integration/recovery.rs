@@ -95,18 +95,7 @@ fn sources(env: &TestEnv, dom: &str) -> Vec<PathBuf> {
 /// Every file the definition and the snapshot records name.
 fn referenced(env: &TestEnv, dom: &str, list: &Value) -> BTreeSet<PathBuf> {
     let mut out: BTreeSet<PathBuf> = sources(env, dom).into_iter().collect();
-    for s in list.as_array().unwrap() {
-        for d in s["disks"].as_array().unwrap() {
-            for k in ["file", "overlay"] {
-                if let Some(f) = d[k].as_str().filter(|f| !f.is_empty()) {
-                    out.insert(PathBuf::from(f));
-                }
-            }
-        }
-        if s["memory"]["mode"] == "external" {
-            out.insert(PathBuf::from(s["memory"]["where"].as_str().unwrap()));
-        }
-    }
+    out.extend(crate::snapshots::listed_files(list));
     out
 }
 

@@ -186,6 +186,24 @@ pub(crate) fn two_disks(env: &TestEnv, fmt: &str) -> (PathBuf, PathBuf) {
     (a, b)
 }
 
+/// Every file a `vmsnap list` of snapshots names: disk images, overlays, external VM state.
+pub(crate) fn listed_files(list: &Value) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for s in list.as_array().unwrap() {
+        for d in s["disks"].as_array().unwrap() {
+            for k in ["file", "overlay"] {
+                if let Some(f) = d[k].as_str().filter(|f| !f.is_empty()) {
+                    out.push(PathBuf::from(f));
+                }
+            }
+        }
+        if s["memory"]["mode"] == "external" {
+            out.push(PathBuf::from(s["memory"]["where"].as_str().unwrap()));
+        }
+    }
+    out
+}
+
 /// Defines domain `name` (64 MiB) on the disks of [`two_disks`] with a qcow2 `vdb`; returns
 /// their image files.
 pub(crate) fn define_two_disks(env: &TestEnv, name: &str) -> (PathBuf, PathBuf) {

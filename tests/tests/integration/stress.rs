@@ -147,18 +147,9 @@ fn referenced_files(env: &TestEnv, domains: &[&str]) -> BTreeSet<PathBuf> {
         {
             direct.push(PathBuf::from(d["file"].as_str().unwrap()));
         }
-        for s in env.client.json(["list", dom]).as_array().unwrap() {
-            for d in s["disks"].as_array().unwrap() {
-                for k in ["file", "overlay"] {
-                    if let Some(f) = d[k].as_str().filter(|f| !f.is_empty()) {
-                        direct.push(PathBuf::from(f));
-                    }
-                }
-            }
-            if s["memory"]["mode"] == "external" {
-                direct.push(PathBuf::from(s["memory"]["where"].as_str().unwrap()));
-            }
-        }
+        direct.extend(crate::snapshots::listed_files(
+            &env.client.json(["list", dom]),
+        ));
     }
     let mut all = BTreeSet::new();
     for f in direct {
