@@ -179,21 +179,6 @@ async fn load_incoming(qmp: &Qmp, file: &Path) -> ServiceResult<()> {
     }
 }
 
-/// The node of the running guest whose image is `file` (top or backing).
-async fn node_of_file(qmp: &Qmp, file: &std::path::Path) -> ServiceResult<String> {
-    let nodes = qmp
-        .query_named_block_nodes()
-        .await
-        .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?;
-    nodes
-        .into_iter()
-        .find(|n| n.drv != "file" && std::path::Path::new(&n.file) == file)
-        .map(|n| n.node_name)
-        .ok_or_else(|| {
-            ServiceError::InvalidState(format!("the running guest does not use {}", file.display()))
-        })
-}
-
 impl Actor {
     fn snapshot_record(&self, id: SnapshotId) -> ServiceResult<SnapshotRecord> {
         let info = self.info.borrow();
@@ -442,8 +427,20 @@ impl Actor {
     ) -> ServiceResult<()> {
         let mut devices = Vec::new();
         let mut vmstate = None;
+        // One read of the graph for all disks; nodes are found as the deletes find them.
+        let graph = super::nodes::Graph::fetch(qmp)
+            .await
+            .map_err(ServiceError::qemu("cannot list the guest's block nodes"))?;
         for d in disks {
-            let node = node_of_file(qmp, &d.image).await?;
+            let node = graph
+                .format_node_of(&d.image)
+                .map(|n| n.name)
+                .ok_or_else(|| {
+                    ServiceError::InvalidState(format!(
+                        "the running guest does not use {}",
+                        d.image.display()
+                    ))
+                })?;
             if Some(d.target.as_str()) == vmstate_disk {
                 vmstate = Some(node.clone());
             }
