@@ -1,46 +1,102 @@
 //! Snapshot commands: create (following the job's progress), list, info, dumpxml.
 
+use std::collections::HashMap;
+
 use serde_json::{Value, json};
 use vmsnap_dbus::Error;
+use vmsnap_dbus::names::{BUS_NAME, NO_OBJECT, ROOT_PATH, SNAPSHOT_INTERFACE};
 use vmsnap_dbus::proxy::{ManagerProxy, SnapshotProxy};
-use zbus::{Connection, OwnedObjectPath, Variant};
+use zbus::fdo::{ObjectManagerProxy, PropertiesProxy};
+use zbus::names::InterfaceName;
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use crate::cli::CreateArgs;
 use crate::output::{self, Failure};
 use crate::{Opts, domain_proxy, progress};
 
+/// A failure of a standard interface's call (`Properties`, `ObjectManager`).
+fn fdo_failure(e: zbus::fdo::Error) -> Failure {
+    Failure::wire(Error::ZBus(e.into()))
+}
+
+/// A snapshot object's properties, as `Properties.GetAll` and `GetManagedObjects` give them.
+type Props = HashMap<String, OwnedVariant>;
+
+/// Property `key` of a snapshot's `props`, taken out as a `T`.
+fn take<T>(props: &mut Props, key: &str) -> Result<T, Failure>
+where
+    T: TryFrom<OwnedVariant>,
+    T::Error: std::fmt::Display,
+{
+    let v = props
+        .remove(key)
+        .ok_or_else(|| Failure::local_io(format!("the daemon did not send property {key}")))?;
+    T::try_from(v).map_err(|e| Failure::local_io(format!("property {key}: {e}")))
+}
+
 /// One snapshot's properties as JSON, with `parent` and `children` as object paths.
-async fn snapshot_row(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
-    let s = SnapshotProxy::builder(conn)
-        .path(path.clone())
-        .build()
-        .await?;
-    let (mem_mode, mem_place) = s.memory().await?;
-    let disks: Vec<Value> = s
-        .disks()
-        .await?
+fn row_from_props(path: &str, mut props: Props) -> Result<Value, Failure> {
+    let (mem_mode, mem_place): (String, String) = take(&mut props, "Memory")?;
+    let disks: Vec<(String, String, String, String)> = take(&mut props, "Disks")?;
+    let disks: Vec<Value> = disks
         .into_iter()
         .map(|(t, m, f, o)| json!({"target": t, "mode": m, "file": f, "overlay": o}))
         .collect();
-    let parent = s.parent().await?;
-    let children: Vec<String> = s.children().await?.iter().map(|c| c.to_string()).collect();
+    let parent: OwnedObjectPath = take(&mut props, "Parent")?;
+    let children: Vec<OwnedObjectPath> = take(&mut props, "Children")?;
+    let children: Vec<String> = children.iter().map(|c| c.to_string()).collect();
     Ok(json!({
-        "name": s.name().await?,
-        "description": s.description().await?,
-        "created": s.creation_time().await?,
-        "state": s.state().await?,
-        "kind": s.kind().await?,
+        "name": take::<String>(&mut props, "Name")?,
+        "description": take::<String>(&mut props, "Description")?,
+        "created": take::<u64>(&mut props, "CreationTime")?,
+        "state": take::<String>(&mut props, "State")?,
+        "kind": take::<String>(&mut props, "Kind")?,
         "memory": {"mode": mem_mode, "where": mem_place},
         "disks": disks,
-        "parent": if parent.as_str() == "/" { Value::Null } else { json!(parent.to_string()) },
-        "current": s.is_current().await?,
-        "status": s.status().await?,
+        "parent": if parent.as_str() == NO_OBJECT { Value::Null } else { json!(parent.to_string()) },
+        "current": take::<bool>(&mut props, "IsCurrent")?,
+        "status": take::<String>(&mut props, "Status")?,
         "children": children,
-        "size_on_disk": s.size_on_disk().await?,
-        "origin": s.origin().await?,
-        "protected": s.protected().await?,
-        "path": path.to_string(),
+        "size_on_disk": take::<u64>(&mut props, "SizeOnDisk")?,
+        "origin": take::<String>(&mut props, "Origin")?,
+        "protected": take::<bool>(&mut props, "Protected")?,
+        "path": path,
     }))
+}
+
+/// One snapshot's properties as JSON (one `Properties.GetAll`), see [`row_from_props`].
+async fn snapshot_row(conn: &Connection, path: OwnedObjectPath) -> Result<Value, Failure> {
+    let props = PropertiesProxy::builder(conn)
+        .destination(BUS_NAME)
+        .path(path.clone())
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?
+        .get_all(InterfaceName::from_static_str_unchecked(SNAPSHOT_INTERFACE))
+        .await
+        .map_err(fdo_failure)?;
+    row_from_props(path.as_str(), props)
+}
+
+/// Every snapshot object's properties, from one `GetManagedObjects` of the daemon's root.
+async fn all_snapshot_props(conn: &Connection) -> Result<HashMap<OwnedObjectPath, Props>, Failure> {
+    let objects = ObjectManagerProxy::builder(conn)
+        .destination(BUS_NAME)
+        .path(ROOT_PATH)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await?
+        .get_managed_objects()
+        .await
+        .map_err(fdo_failure)?;
+    Ok(objects
+        .into_iter()
+        .filter_map(|(path, mut ifaces)| {
+            let props = ifaces.remove(SNAPSHOT_INTERFACE)?;
+            Some((path, props))
+        })
+        .collect())
 }
 
 /// A snapshot's name by path; `None` when it went away meanwhile (deleted by a running job).
@@ -207,13 +263,15 @@ pub async fn list_view(
     view: ListView,
 ) -> Result<(), Failure> {
     let d = domain_proxy(conn, manager, domain).await?;
+    // Two calls whatever the number of snapshots: the domain's list (its order) and every
+    // object's properties at once.
+    let order = d.list_snapshots().await?;
+    let mut props = all_snapshot_props(conn).await?;
     let mut rows = Vec::new();
-    for p in d.list_snapshots().await? {
-        match snapshot_row(conn, p).await {
-            Ok(r) => rows.push(r),
-            // Deleted while we listed (a delete job runs): leave it out.
-            Err(e) if e.code_is_not_found() => {}
-            Err(e) => return Err(e),
+    for p in order {
+        // Gone from the second answer: deleted while we listed (a delete job runs).
+        if let Some(pr) = props.remove(&p) {
+            rows.push(row_from_props(p.as_str(), pr)?);
         }
     }
     // Parents and children are named from the rows themselves: no call per relation.

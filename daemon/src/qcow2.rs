@@ -132,6 +132,16 @@ fn raw_size(file: &File) -> Result<u64> {
 
 /// Reads the header of the image at `path`.
 pub fn probe(path: &Path) -> Result<ImageInfo> {
+    read_header(path, true)
+}
+
+/// The format and backing file of the image at `path`: [`probe`] without reading the internal
+/// snapshot table (`snapshots` is empty), for scans over many images.
+pub fn probe_backing(path: &Path) -> Result<ImageInfo> {
+    read_header(path, false)
+}
+
+fn read_header(path: &Path, with_snapshots: bool) -> Result<ImageInfo> {
     let file = File::open(path)?;
     let head = read_at(&file, 0, PROBE_LEN)?;
     if !head.starts_with(&MAGIC) {
@@ -226,7 +236,10 @@ pub fn probe(path: &Path) -> Result<ImageInfo> {
     if nb_snapshots > MAX_SNAPSHOTS {
         return Err(invalid(path, "too many internal snapshots"));
     }
-    let snapshots = read_snapshot_names(&file, path, snapshots_offset, nb_snapshots)?;
+    let snapshots = match with_snapshots {
+        true => read_snapshot_names(&file, path, snapshots_offset, nb_snapshots)?,
+        false => Vec::new(),
+    };
     Ok(ImageInfo {
         format: "qcow2".into(),
         virtual_size: be64(&head, 24),
@@ -495,6 +508,16 @@ mod tests {
         assert_eq!(b.name, Path::new("base.qcow2"));
         assert_eq!(b.path, base);
         assert_eq!(b.format.as_deref(), Some("qcow2"));
+        // The scan variant reads the same header but leaves the snapshot table alone.
+        for f in [&base, &mid] {
+            let full = probe(f).unwrap();
+            let light = probe_backing(f).unwrap();
+            assert_eq!(light.snapshots, Vec::<String>::new());
+            assert_eq!(
+                (light.format, light.virtual_size, light.backing),
+                (full.format, full.virtual_size, full.backing)
+            );
+        }
         let c = chain(&mid).unwrap();
         assert_eq!(
             c.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),

@@ -817,8 +817,12 @@ impl Actor {
                 true => Vec::new(),
                 false => self.running_nodes().await?,
             };
+            let index = match external.is_empty() {
+                true => BackingIndex(Vec::new()),
+                false => self.backing_index().await?,
+            };
             for d in external {
-                merges.push(self.plan_merge(&rec, d, &nodes).await?);
+                merges.push(self.plan_merge(&rec, d, &nodes, &index).await?);
             }
             let mem = record::memory(&rec);
             if mem.mode == "external" {
@@ -964,7 +968,8 @@ impl Actor {
         .map(|_| ())
     }
 
-    /// Every image file the domain knows of: its snapshots' files and its active disks.
+    /// Every image file the domain knows of: its snapshots' files and its active disks (some
+    /// may be gone).
     fn known_images(&self) -> Vec<PathBuf> {
         let info = self.info.borrow();
         let mut v: Vec<PathBuf> = info.def.disks.iter().map(|d| d.source.clone()).collect();
@@ -977,28 +982,31 @@ impl Actor {
         }
         v.sort();
         v.dedup();
-        v.retain(|p| p.exists());
         v
     }
 
-    /// The images directly backed by `base`.
-    async fn dependents(&self, base: &Path) -> ServiceResult<Vec<PathBuf>> {
+    /// The backing file of every known image that exists, read in one pass off the actor's
+    /// task: a delete plans all its disks on one reading (it changes nothing before its plan
+    /// is complete). After a change, read again.
+    async fn backing_index(&self) -> ServiceResult<BackingIndex> {
         let files = self.known_images();
-        let base = base.to_path_buf();
         blocking(move || {
-            files
-                .into_iter()
-                .filter(|f| f != &base)
-                .filter(|f| match read_backing(f) {
-                    Ok(b) => b.as_ref().map(|(b, _)| b) == Some(&base),
-                    Err(e) => {
-                        tracing::warn!(file = %f.display(), error = %e, "cannot read the backing file of a known image");
-                        false
-                    }
-                })
-                .collect()
+            BackingIndex(
+                files
+                    .into_iter()
+                    .filter_map(|f| match read_backing(&f) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                        r => Some((f, r.map_err(|e| e.to_string()))),
+                    })
+                    .collect(),
+            )
         })
         .await
+    }
+
+    /// The images directly backed by `base`, read now.
+    async fn dependents(&self, base: &Path) -> ServiceResult<Vec<PathBuf>> {
+        Ok(self.backing_index().await?.dependents(base))
     }
 
     /// Decides how the data of external disk `d` of `rec` is merged away, refusing (before any
@@ -1018,12 +1026,14 @@ impl Actor {
         }
     }
 
-    /// `running` is [`running_nodes`](Self::running_nodes), read once for the whole delete.
+    /// `running` is [`running_nodes`](Self::running_nodes) and `index` the
+    /// [`backing_index`](Self::backing_index), both read once for the whole delete.
     async fn plan_merge(
         &self,
         rec: &SnapshotRecord,
         d: &DiskRecord,
         running: &[(String, String)],
+        index: &BackingIndex,
     ) -> ServiceResult<Merge> {
         let image = d.data_file().clone();
         let Some(overlay) = d.overlay.clone() else {
@@ -1032,7 +1042,7 @@ impl Actor {
         if !image.exists() {
             return Ok(Merge::Keep);
         }
-        let deps = self.dependents(&image).await?;
+        let deps = index.dependents(&image);
         let live = self.state().is_active();
         let node = |p: &Path| {
             running
@@ -1041,11 +1051,10 @@ impl Actor {
                 .map(|(_, n)| n.clone())
         };
         // The overlay may be gone already: merged away by the delete of a later snapshot.
-        let base_fmt = match overlay.exists() {
-            true => backing_of(&overlay).await?.map(|(_, f)| f),
-            false => None,
-        }
-        .unwrap_or_else(|| d.format.clone());
+        let base_fmt = index
+            .backing(&overlay)?
+            .map(|(_, f)| f)
+            .unwrap_or_else(|| d.format.clone());
         let chain = match live && self.resumed_merges.contains(&overlay) {
             true => self.chain_files(&d.target).await?,
             false => Vec::new(),
@@ -1132,7 +1141,7 @@ impl Actor {
                 .disks
                 .iter()
                 .any(|x| x.source == image);
-            let Some((backing, fmt)) = backing_of(&image).await? else {
+            let Some((backing, fmt)) = index.backing(&image)? else {
                 // A root image: every branch keeps using it as it is.
                 return Ok(Merge::Keep);
             };
@@ -1629,6 +1638,45 @@ impl Actor {
     }
 }
 
+/// The backing file (and its format) of each existing image a domain knows of, read at one
+/// moment; see [`Actor::backing_index`].
+/// An image whose header could not be read keeps its error.
+struct BackingIndex(Vec<(PathBuf, HeaderRead)>);
+
+/// An image's backing file and its format as its header names them (or why it was unreadable).
+type HeaderRead = Result<Option<(PathBuf, String)>, String>;
+
+impl BackingIndex {
+    /// The images directly backed by `base` (an unreadable image is reported and skipped).
+    fn dependents(&self, base: &Path) -> Vec<PathBuf> {
+        self.0
+            .iter()
+            .filter(|(f, _)| f != base)
+            .filter(|(f, b)| match b {
+                Ok(b) => b.as_ref().is_some_and(|(b, _)| b == base),
+                Err(e) => {
+                    tracing::warn!(file = %f.display(), error = %e, "cannot read the backing file of a known image");
+                    false
+                }
+            })
+            .map(|(f, _)| f.clone())
+            .collect()
+    }
+
+    /// The backing file and format `image` names; `None` for an image without one or one
+    /// that did not exist when the index was read.
+    fn backing(&self, image: &Path) -> ServiceResult<Option<(PathBuf, String)>> {
+        match self.0.iter().find(|(f, _)| f == image) {
+            None => Ok(None),
+            Some((_, Ok(b))) => Ok(b.clone()),
+            Some((_, Err(e))) => Err(ServiceError::io(format!(
+                "cannot read the header of {}",
+                image.display()
+            ))(std::io::Error::other(e.clone()))),
+        }
+    }
+}
+
 /// How a deleted external snapshot's data is merged away.
 enum Merge {
     /// Nothing to merge: the image stays (other snapshots or branches need it as it is).
@@ -1695,20 +1743,9 @@ fn remove_quietly(p: &Path) {
 }
 
 /// The backing file (resolved as QEMU resolves it) and its format (`raw` when the header
-/// names none), read from the image's header in-process.
-async fn backing_of(file: &Path) -> ServiceResult<Option<(PathBuf, String)>> {
-    let f = file.to_path_buf();
-    blocking(move || read_backing(&f))
-        .await?
-        .map_err(ServiceError::io(format!(
-            "cannot read the header of {}",
-            file.display()
-        )))
-}
-
-/// [`backing_of`] on the calling thread.
+/// names none), read from the image's header in-process (on the calling thread).
 fn read_backing(file: &Path) -> std::io::Result<Option<(PathBuf, String)>> {
-    Ok(crate::qcow2::probe(file)?.backing.map(|b| {
+    Ok(crate::qcow2::probe_backing(file)?.backing.map(|b| {
         let fmt = b.format.unwrap_or_else(|| "raw".into());
         (b.path, fmt)
     }))

@@ -39,8 +39,14 @@ pub struct Scale {
     pub list: Duration,
     /// `ListSnapshots` plus `Name` of every snapshot (median, or why not).
     pub list_names: Result<Duration, String>,
-    /// `GetManagedObjects` at the root (median, or why not).
+    /// `GetManagedObjects` at the root, decoded into zbus's variant maps (median, or why not).
     pub managed: Result<Duration, String>,
+    /// The same call until its reply message is in, not decoded (median, or why not).
+    pub managed_raw: Result<Duration, String>,
+    /// Size of that reply's body, bytes.
+    pub managed_bytes: usize,
+    /// `vmsnap list DOMAIN --json` end to end (median, or why not).
+    pub client_list: Result<Duration, String>,
     /// Median offline internal disk-only create.
     pub create: Duration,
     /// How many creates were timed.
@@ -262,6 +268,36 @@ pub fn run(settings: &Settings) -> Result<Vec<Scale>> {
                 }
             })
         })?;
+        let mut managed_bytes = 0;
+        let managed_raw = bounded(n, budget, |left| {
+            block(async {
+                let t = Instant::now();
+                let call = conn.call_method(
+                    Some(BUS_NAME),
+                    ROOT_PATH,
+                    Some("org.freedesktop.DBus.ObjectManager"),
+                    "GetManagedObjects",
+                    &(),
+                );
+                match tokio::time::timeout(left, call).await {
+                    Ok(r) => {
+                        let reply = r?;
+                        let took = t.elapsed();
+                        managed_bytes = reply.body().len();
+                        Ok(Some(took))
+                    }
+                    Err(_) => Ok(None),
+                }
+            })
+        })?;
+        let client_list = bounded(n, budget, |_| {
+            let t = Instant::now();
+            let v = env.client.json(["list", "cat"]);
+            let took = t.elapsed();
+            let rows = v.as_array().map_or(0, Vec::len);
+            ensure!(rows == records, "vmsnap list printed {rows} of {records}");
+            Ok(Some(took))
+        })?;
         let rss_after_kib = vm_rss_kib(pid)?;
         let scale = Scale {
             records,
@@ -272,6 +308,9 @@ pub fn run(settings: &Settings) -> Result<Vec<Scale>> {
             list: median(&lists).context("lists")?,
             list_names,
             managed,
+            managed_raw,
+            managed_bytes,
+            client_list,
             create: median(&creates).context("creates")?,
             creates: creates.len(),
         };

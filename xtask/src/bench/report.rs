@@ -79,6 +79,14 @@ fn kib(k: u64) -> String {
     format!("{:.1} MiB", k as f64 / 1024.0)
 }
 
+fn bytes(b: usize) -> String {
+    match b {
+        0 => "–".into(),
+        b if b < 1 << 20 => format!("{:.0} KB", b as f64 / 1000.0),
+        b => format!("{:.1} MB", b as f64 / 1e6),
+    }
+}
+
 fn maybe(r: &Result<Duration, String>) -> String {
     match r {
         Ok(d) => fmt(*d),
@@ -141,13 +149,14 @@ pub fn render(
     s.push_str("\n## Catalog scale\n\n");
     s.push_str(
         "| records | start until READY=1 | VmRSS at READY | VmRSS after the calls | \
-         ListSnapshots | ListSnapshots + Name of each | GetManagedObjects (root) | \
-         offline create |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         ListSnapshots | ListSnapshots + Name of each | GetManagedObjects (root): reply in | \
+         decoded | `vmsnap list` | offline create |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for c in scales {
         let _ = writeln!(
             s,
-            "| {} | {} (n={}) | {} | {} | {} | {} | {} | {} (n={}) |",
+            "| {} | {} (n={}) | {} | {} | {} | {} | {} ({}) | {} | {} | {} (n={}) |",
             c.records,
             fmt(c.start),
             c.starts,
@@ -155,7 +164,10 @@ pub fn render(
             kib(c.rss_after_kib),
             fmt(c.list),
             maybe(&c.list_names),
+            maybe(&c.managed_raw),
+            bytes(c.managed_bytes),
             maybe(&c.managed),
+            maybe(&c.client_list),
             fmt(c.create),
             c.creates,
         );
@@ -166,12 +178,14 @@ pub fn render(
         let _ = write!(
             s,
             "\nTargets at {} records: listing under 0.1 s: ListSnapshots {} ({}), \
-             GetManagedObjects {} ({}); start under 0.1 s: {} ({}); resident memory under \
+             GetManagedObjects reply in {} ({}), decoded {} ({}); start under 0.1 s: {} ({}); resident memory under \
              20 MiB: {} at READY, {} after the calls ({}); create within 1.2x of create at {} \
              records: {:.2}x ({}).\n",
             big.records,
             fmt(big.list),
             yes_no(big.list < tenth),
+            maybe(&big.managed_raw),
+            yes_no(matches!(big.managed_raw, Ok(d) if d < tenth)),
             maybe(&big.managed),
             yes_no(matches!(big.managed, Ok(d) if d < tenth)),
             fmt(big.start),
