@@ -1076,6 +1076,35 @@ impl Actor {
             });
         }
         if deps == [overlay.clone()] {
+            // Internal snapshots taken while the overlay was the active image keep their tags
+            // (and VM state) in the overlay's own snapshot table, which committing the overlay
+            // into the image would lose: refused, before any change. (Streaming into the overlay
+            // instead, below, keeps them.)
+            let mut tagged: Vec<String> = self
+                .info
+                .borrow()
+                .snapshots
+                .values()
+                .filter(|r| {
+                    r.id != rec.id
+                        && record::disks(r)
+                            .iter()
+                            .any(|x| x.mode == "internal" && x.image == overlay)
+                })
+                .map(|r| r.name.clone())
+                .collect();
+            if !tagged.is_empty() {
+                tagged.sort();
+                return Err(ServiceError::Unsupported(format!(
+                    "deleting snapshot {:?}: internal snapshots {} keep their state in its overlay \
+                     {}, which the delete would merge away; delete them first, or delete {:?} \
+                     with its children",
+                    rec.name,
+                    tagged.join(", "),
+                    overlay.display(),
+                    rec.name
+                )));
+            }
             match (node(&overlay), node(&image)) {
                 (Some(top), Some(base)) => {
                     // The disk's root node is the node of its active file in the definition;

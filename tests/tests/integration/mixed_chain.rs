@@ -127,3 +127,48 @@ async fn revert_to_internal_checkpoint_in_overlay_restores_ram_and_data_in_place
     env.client.ok(["domain", "destroy", "mo"]);
     assert!(qemu_io_verify_pattern(&b1, "qcow2", 0xa1, OFF, 4096));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_external_whose_overlay_holds_later_internal_tags_is_refused_unless_with_them() {
+    // e1's overlays hold c2's internal tags: committing them into e1's images (as deleting
+    // e1 alone would) would lose c2, so that delete is refused and changes nothing.
+    let env = TestEnv::start();
+    setup(&env, "mt");
+    let b = source(&env, "mt", "vdb");
+    write_vdb(&env, "mt", 0xa1);
+    env.client
+        .ok(["create", "mt", "--name", "e1", "--disk-only"]);
+    let b1 = source(&env, "mt", "vdb");
+    write_vdb(&env, "mt", 0xb2);
+    env.client.ok(["create", "mt", "--name", "c2"]);
+    write_vdb(&env, "mt", 0xc3);
+    let listed = Dom::handle(&env, "mt").snapshot_names();
+    let (code, err) = env.client.err(["delete", "mt", "e1"]);
+    assert_eq!(code, 8, "Unsupported: {err}");
+    assert!(err.contains("c2") && err.contains("children"), "{err}");
+    assert_eq!(Dom::handle(&env, "mt").snapshot_names(), listed);
+    assert_eq!(
+        source(&env, "mt", "vdb"),
+        b1,
+        "the guest still writes to e1's overlay"
+    );
+    assert!(tags(&b1).contains(&"c2".to_string()), "{:?}", tags(&b1));
+
+    // c2 is still whole: its revert brings its data back.
+    env.client.ok(["revert", "mt", "c2"]);
+    write_vdb(&env, "mt", 0xd4);
+    // With its children, e1 goes: c2 first (its tags), then e1's overlay is merged.
+    env.client.ok(["delete", "mt", "e1", "--children"]);
+    assert!(Dom::handle(&env, "mt").snapshot_names().is_empty());
+    assert!(!b1.exists(), "e1's overlay was merged away");
+    assert_eq!(source(&env, "mt", "vdb"), b);
+    assert_eq!(
+        env.client.json(["domain", "info", "mt"])["state"],
+        "running"
+    );
+    env.client.ok(["domain", "destroy", "mt"]);
+    assert!(
+        qemu_io_verify_pattern(&b, "qcow2", 0xd4, OFF, 4096),
+        "the guest's last write was merged into the image below"
+    );
+}

@@ -355,8 +355,8 @@ fn vmsnapd_service_stop_and_restart_leave_guest_running_in_its_unit() {
     // Live snapshots (an overlay the daemon creates, an internal checkpoint), and a delete
     // that merges the overlay back with block-commit.
     vmsnap(&sb, &["create", "g1", "--name", "live1", "--disk-only"]);
-    vmsnap(&sb, &["create", "g1", "--name", "cp1"]);
     vmsnap(&sb, &["delete", "g1", "live1"]);
+    vmsnap(&sb, &["create", "g1", "--name", "cp1"]);
     // VM state written by QEMU to a file the daemon opened and passed over QMP.
     let mem = format!("{IMAGES}/g1.ext1.mem");
     vmsnap(
