@@ -402,11 +402,12 @@ impl DomainIface {
         settings: HashMap<String, OwnedVariant>,
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+        #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), Error> {
         authorize(&header, Action::Manage).await?;
         super::retention::set_schedule(&self.service, &self.handle, settings, options)?;
-        let _ = self.schedule_changed(&emitter).await;
+        let path = domain_path(self.handle.id().0);
+        super::dispatch::properties_changed(server, self, &path, &["Schedule"]).await;
         Ok(())
     }
 
@@ -653,21 +654,22 @@ pub async fn register_domain(
             let Ok(iface) = server.interface::<_, DomainIface>(p.as_ref()).await else {
                 break;
             };
-            let e = iface.signal_emitter();
+            let mut names = Vec::new();
+            for (changed, name) in [
+                (last.state != now.state, "State"),
+                (
+                    last.current_snapshot != now.current_snapshot,
+                    "CurrentSnapshot",
+                ),
+                (disk_rows(&last) != disk_rows(&now), "Disks"),
+                (last.def.name != now.def.name, "Name"),
+            ] {
+                if changed {
+                    names.push(name);
+                }
+            }
             let i = iface.get().await;
-            // A failed emission only means nobody was told; the properties stay right.
-            if last.state != now.state {
-                let _ = i.state_changed(e).await;
-            }
-            if last.current_snapshot != now.current_snapshot {
-                let _ = i.current_snapshot_changed(e).await;
-            }
-            if disk_rows(&last) != disk_rows(&now) {
-                let _ = i.disks_changed(e).await;
-            }
-            if last.def.name != now.def.name {
-                let _ = i.name_changed(e).await;
-            }
+            super::dispatch::properties_changed(&server, &*i, p.as_str(), &names).await;
             drop(i);
             seen = Some(sync_seen(&server, &service, &handle, seen.take(), &now).await);
             now.snapshots = Arc::default();

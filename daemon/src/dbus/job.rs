@@ -146,37 +146,24 @@ async fn announce_changes(
     let Ok(iface) = server.interface::<_, JobIface>(path.as_ref()).await else {
         return;
     };
-    let e = iface.signal_emitter();
+    let mut names = Vec::new();
+    let mut note = |changed: bool, name: &'static str| {
+        if changed {
+            names.push(name);
+        }
+    };
+    note(old.phase != new.phase, "Phase");
+    note(old.progress != new.progress, "Progress");
+    note(old.progress_valid != new.progress_valid, "ProgressValid");
+    note(old.bytes_done != new.bytes_done, "BytesDone");
+    note(old.bytes_total != new.bytes_total, "BytesTotal");
+    note(old.cancelable != new.cancelable, "Cancelable");
+    note(old.result != new.result, "Result");
+    note(old.error_name != new.error_name, "ErrorName");
+    note(old.error_name != new.error_name, "ErrorMessage");
+    note(old.finished != new.finished, "Finished");
     let i = iface.get().await;
-    // Errors here only mean nobody could be told; the property values stay right.
-    if old.phase != new.phase {
-        let _ = i.phase_changed(e).await;
-    }
-    if old.progress != new.progress {
-        let _ = i.progress_changed(e).await;
-    }
-    if old.progress_valid != new.progress_valid {
-        let _ = i.progress_valid_changed(e).await;
-    }
-    if old.bytes_done != new.bytes_done {
-        let _ = i.bytes_done_changed(e).await;
-    }
-    if old.bytes_total != new.bytes_total {
-        let _ = i.bytes_total_changed(e).await;
-    }
-    if old.cancelable != new.cancelable {
-        let _ = i.cancelable_changed(e).await;
-    }
-    if old.result != new.result {
-        let _ = i.result_changed(e).await;
-    }
-    if old.error_name != new.error_name {
-        let _ = i.error_name_changed(e).await;
-        let _ = i.error_message_changed(e).await;
-    }
-    if old.finished != new.finished {
-        let _ = i.finished_changed(e).await;
-    }
+    super::dispatch::properties_changed(server, &*i, path.as_str(), &names).await;
 }
 
 /// What a job's operation returns: maybe an object to report as the job's `Result`.
@@ -246,7 +233,9 @@ where
             }
         }
         job.finish();
-        if let Ok(iface) = server.interface::<_, JobIface>(p.as_ref()).await {
+        if server.interface::<_, JobIface>(p.as_ref()).await.is_ok()
+            && let Some(e) = super::dispatch::bus_emitter(p.as_str())
+        {
             let final_status = job.status();
             announce_changes(&server, &p, &last, &final_status).await;
             let (ok, name, msg) = match &result {
@@ -257,7 +246,7 @@ where
                     e.message(),
                 ),
             };
-            let _ = JobIface::completed(iface.signal_emitter(), ok, &name, &msg).await;
+            let _ = JobIface::completed(&e, ok, &name, &msg).await;
         }
         let _ = tx.send(result);
         tokio::time::sleep(JOB_LINGER).await;

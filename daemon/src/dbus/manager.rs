@@ -25,11 +25,10 @@ impl ManagerIface {
     /// Announces a change of the `Jobs` property (a job object appeared or went away). A
     /// failed emission only means nobody was told; the property stays right.
     pub async fn announce_jobs(server: &ObjectServer) {
-        if let Ok(iface) = server
-            .interface::<_, ManagerIface>(vmsnap_dbus::names::ROOT_PATH)
-            .await
-        {
-            let _ = iface.get().await.jobs_changed(iface.signal_emitter()).await;
+        let root = vmsnap_dbus::names::ROOT_PATH;
+        if let Ok(iface) = server.interface::<_, ManagerIface>(root).await {
+            let i = iface.get().await;
+            super::dispatch::properties_changed(server, &*i, root, &["Jobs"]).await;
         }
     }
 
@@ -89,8 +88,8 @@ impl ManagerIface {
             .map_err(wire_error)?;
         for s in snapshots {
             let sp = vmsnap_dbus::names::snapshot_path(id.0, s);
-            let _ =
-                super::object_manager::remove::<super::snapshot::SnapshotIface>(server, &sp).await;
+            super::object_manager::announce_removed::<super::snapshot::SnapshotIface>(server, &sp)
+                .await;
         }
         let p = path(domain_path(id.0));
         super::object_manager::remove::<DomainIface>(server, p.as_str()).await?;

@@ -6,6 +6,7 @@
 //! announced by forwarder tasks that watch the service's channels.
 
 pub mod auth;
+mod dispatch;
 pub(crate) mod domain;
 mod job;
 mod manager;
@@ -75,30 +76,35 @@ fn storage_wire_error(e: crate::storage::StorageError, msg: String) -> Error {
     }
 }
 
-/// Connects to the bus, serves every object and then takes the well-known name, so that a
-/// caller who sees the name also sees the objects.
+/// Connects to the bus, serves every object (see [`dispatch`]) and then takes the well-known
+/// name, so that a caller who sees the name also sees the objects.
 pub async fn serve(service: Arc<Service>, bus: &BusChoice) -> zbus::Result<zbus::Connection> {
     let builder = match bus {
         BusChoice::System => Builder::system(),
         BusChoice::Session => Builder::session(),
         BusChoice::Address(a) => Builder::address(a.as_str()),
     };
-    let conn = builder
-        .serve_at(
+    let conn = builder.build().await?;
+    auth::install(&conn, service.config());
+    let registry = dispatch::Registry::new().await?;
+    let sizes = Arc::new(dispatch::SizeCache::default());
+    let server = registry.server().clone();
+    server
+        .at(
             ROOT_PATH,
             object_manager::ObjectManagerIface::new(service.clone()),
         )
-        .serve_at(ROOT_PATH, ManagerIface::new(service.clone()))
-        .build()
         .await?;
-    auth::install(&conn, service.config());
-    let server = conn.object_server();
+    server
+        .at(ROOT_PATH, ManagerIface::new(service.clone()))
+        .await?;
+    dispatch::start(conn.clone(), registry, service.clone(), sizes).await?;
     for handle in service.domains() {
-        register_domain(server, &service, handle).await?;
+        register_domain(&server, &service, handle).await?;
     }
     conn.request_name(BUS_NAME).await?;
     // Objects served from now on are announced; the ones above were not (nobody could have
     // heard it: `GetManagedObjects` is how a front end learns them).
-    object_manager::ObjectManagerIface::start_announcing(server).await;
+    object_manager::ObjectManagerIface::start_announcing(&server).await;
     Ok(conn)
 }

@@ -34,6 +34,7 @@ use zbus::{
     Connection, ObjectPath, ObjectServer, OwnedObjectPath, OwnedVariant, Signature, Type, interface,
 };
 
+use super::dispatch::bus_emitter;
 use super::domain::DomainIface;
 use super::job::JobIface;
 use super::snapshot::SnapshotProps;
@@ -68,7 +69,7 @@ impl ObjectManagerIface {
     async fn announcer(server: &ObjectServer) -> Option<SignalEmitter<'static>> {
         let iface = server.interface::<_, Self>(ROOT_PATH).await.ok()?;
         let on = iface.get().await.announcing.load(Ordering::Acquire);
-        on.then(|| iface.signal_emitter().clone())
+        on.then(|| bus_emitter(ROOT_PATH)).flatten()
     }
 }
 
@@ -135,14 +136,53 @@ async fn props_of<I: Interface>(
     let Ok(iface) = server.interface::<_, I>(path).await else {
         return Ok(None);
     };
-    let emitter = iface.signal_emitter().clone();
-    let props = iface
-        .get()
-        .await
+    let props = all_props(&*iface.get().await, server, conn, path).await?;
+    Ok(Some(props))
+}
+
+/// All properties of `iface` (an object at `path`) as `Properties.GetAll` gives them.
+async fn all_props<I: Interface>(
+    iface: &I,
+    server: &ObjectServer,
+    conn: &Connection,
+    path: &str,
+) -> Result<HashMap<String, OwnedVariant>, Error> {
+    let emitter = SignalEmitter::new(conn, path.to_owned())
+        .map_err(|e| Error::Failed(format!("bad object path {path}: {e}")))?;
+    iface
         .get_all(server, conn, None, &emitter)
         .await
-        .map_err(|e| Error::Failed(format!("cannot read the properties of {path}: {e}")))?;
-    Ok(Some(props))
+        .map_err(|e| Error::Failed(format!("cannot read the properties of {path}: {e}")))
+}
+
+/// Emits `InterfacesAdded` for `iface`, an object at `path` that is served without being kept
+/// in the registry (a snapshot), once the daemon announces.
+pub async fn announce_added<I: Interface>(server: &ObjectServer, path: &str, iface: &I) {
+    let Some(root) = ObjectManagerIface::announcer(server).await else {
+        return;
+    };
+    match all_props(iface, server, root.connection(), path).await {
+        Ok(props) => {
+            let name = I::name();
+            let ifaces = HashMap::from([(name.as_str(), props)]);
+            if let Ok(p) = ObjectPath::try_from(path) {
+                let _ = ObjectManagerIface::interfaces_added(&root, p, ifaces).await;
+            }
+        }
+        Err(e) => tracing::warn!(path, error = %e, "cannot announce an object"),
+    }
+}
+
+/// Emits `InterfacesRemoved` for an `I` at `path` that was served without being kept in the
+/// registry, once the daemon announces.
+pub async fn announce_removed<I: Interface>(server: &ObjectServer, path: &str) {
+    if let (Some(root), Ok(p)) = (
+        ObjectManagerIface::announcer(server).await,
+        ObjectPath::try_from(path),
+    ) {
+        let name = I::name();
+        let _ = ObjectManagerIface::interfaces_removed(&root, p, &[name.as_str()]).await;
+    }
 }
 
 /// Serves `iface` at `path` and, once the daemon announces, emits `InterfacesAdded` with its

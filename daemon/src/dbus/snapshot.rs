@@ -10,8 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use vmsnap_dbus::names::option;
 use zbus::OwnedVariant;
@@ -27,21 +27,23 @@ use vmsnap_dbus::Error;
 use vmsnap_dbus::names::{NO_OBJECT, domain_path, snapshot_path};
 use zbus::{ObjectServer, OwnedObjectPath, interface};
 
+use super::dispatch::{SizeCache, bus_emitter, properties_changed};
 use crate::catalog::{SnapshotId, SnapshotRecord, SnapshotStatus};
 use crate::domain::actor::{DomainHandle, DomainInfo, children_index};
 use crate::snapshot::record;
 
-/// How long a computed `SizeOnDisk` is reused, so that a front end listing many snapshots
-/// (or `GetManagedObjects`) does not stat the same files again and again.
-const SIZE_CACHE_TTL: Duration = Duration::from_secs(5);
+/// How long a computed `SizeOnDisk` is reused, so that a front end reading many snapshots
+/// does not stat the same files again and again.
+pub(super) const SIZE_CACHE_TTL: Duration = Duration::from_secs(5);
 
-/// The D-Bus face of a snapshot.
+/// The D-Bus face of a snapshot, made for one call or announcement (see `dispatch`): it
+/// reads the domain's published information, so it is never out of date.
 pub struct SnapshotIface {
     service: Arc<Service>,
     handle: DomainHandle,
     id: SnapshotId,
-    /// The last `SizeOnDisk` answer and when it was computed.
-    size_cache: Mutex<Option<(Instant, u64)>>,
+    /// `SizeOnDisk` answers of all snapshot objects.
+    sizes: Arc<SizeCache>,
 }
 
 fn obj(s: String) -> OwnedObjectPath {
@@ -49,6 +51,21 @@ fn obj(s: String) -> OwnedObjectPath {
 }
 
 impl SnapshotIface {
+    /// The object of snapshot `id` of `handle`'s domain.
+    pub fn new(
+        service: Arc<Service>,
+        handle: DomainHandle,
+        id: SnapshotId,
+        sizes: Arc<SizeCache>,
+    ) -> Self {
+        Self {
+            service,
+            handle,
+            id,
+            sizes,
+        }
+    }
+
     /// `f` of the record, read in place; the default when the record is gone.
     fn field<T: Default>(&self, f: impl FnOnce(&SnapshotRecord) -> T) -> T {
         self.handle
@@ -125,12 +142,8 @@ impl SnapshotIface {
             }
             handle.revert(id, running, force).await?;
             let p = obj(snapshot_path(handle.id().0, id.0));
-            if let Ok(iface) = server2
-                .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
-                .await
-            {
-                let _ =
-                    super::domain::DomainIface::reverted(iface.signal_emitter(), p.as_ref()).await;
+            if let Some(e) = bus_emitter(&domain_path(handle.id().0)) {
+                let _ = super::domain::DomainIface::reverted(&e, p.as_ref()).await;
             }
             Ok(p)
         })
@@ -206,15 +219,8 @@ impl SnapshotIface {
                 sync_seen(&server2, &service, &handle, Some(before), &handle.info()).await;
             }
             let p = obj(snapshot_path(handle.id().0, id.0));
-            if let Ok(iface) = server2
-                .interface::<_, super::domain::DomainIface>(domain_path(handle.id().0).as_str())
-                .await
-            {
-                let _ = super::domain::DomainIface::snapshot_deleted(
-                    iface.signal_emitter(),
-                    p.as_ref(),
-                )
-                .await;
+            if let Some(e) = bus_emitter(&domain_path(handle.id().0)) {
+                let _ = super::domain::DomainIface::snapshot_deleted(&e, p.as_ref()).await;
             }
             Ok(())
         })
@@ -323,15 +329,9 @@ impl SnapshotIface {
     /// `PropertiesChanged` since it changes with every guest write.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn size_on_disk(&self) -> u64 {
-        let mut cache = self.size_cache.lock().expect("size cache poisoned");
-        if let Some((at, size)) = *cache
-            && at.elapsed() < SIZE_CACHE_TTL
-        {
-            return size;
-        }
-        let size = self.field(record::size_on_disk);
-        *cache = Some((Instant::now(), size));
-        size
+        self.sizes.get_or((self.handle.id(), self.id), || {
+            self.field(record::size_on_disk)
+        })
     }
 
     /// Whether this is the domain's current snapshot (the parent of the next one).
@@ -546,7 +546,18 @@ pub async fn sync_snapshots(
     sync_seen(server, service, handle, last, now).await;
 }
 
-/// Serves the object of snapshot `id` (nothing if it is served already).
+/// A short-lived object of snapshot `id`, for announcing its properties.
+fn transient(service: &Arc<Service>, handle: &DomainHandle, id: SnapshotId) -> SnapshotIface {
+    SnapshotIface::new(
+        service.clone(),
+        handle.clone(),
+        id,
+        Arc::new(SizeCache::default()),
+    )
+}
+
+/// Announces the object of snapshot `id` (served from the domain's information as soon as the
+/// record is published; see `dispatch`).
 pub async fn serve_snapshot(
     server: &ObjectServer,
     service: &Arc<Service>,
@@ -554,16 +565,8 @@ pub async fn serve_snapshot(
     id: SnapshotId,
 ) {
     let path = snapshot_path(handle.id().0, id.0);
-    let iface = SnapshotIface {
-        service: service.clone(),
-        handle: handle.clone(),
-        id,
-        size_cache: Mutex::new(None),
-    };
-    // `add` leaves an object that is served already alone.
-    if let Err(e) = super::object_manager::add(server, &path, iface).await {
-        tracing::warn!(path, error = %e, "could not serve a snapshot object");
-    }
+    let iface = transient(service, handle, id);
+    super::object_manager::announce_added(server, &path, &iface).await;
 }
 
 /// [`sync_snapshots`] from a summary: serves the new objects, removes the gone ones and
@@ -582,16 +585,8 @@ pub async fn sync_seen(
         // No record changed; only "current" may have moved.
         if last.current != now.current_snapshot {
             for id in [last.current, now.current_snapshot].into_iter().flatten() {
-                if let Ok(iface) = server
-                    .interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str())
-                    .await
-                {
-                    let _ = iface
-                        .get()
-                        .await
-                        .is_current_changed(iface.signal_emitter())
-                        .await;
-                }
+                let i = transient(service, handle, id);
+                properties_changed(server, &i, &snapshot_path(d, id.0), &["IsCurrent"]).await;
             }
             last.current = now.current_snapshot;
         }
@@ -601,8 +596,8 @@ pub async fn sync_seen(
     let empty = BTreeMap::new();
     let before = last.as_ref().map_or(&empty, |l| &l.entries);
     for gone in before.keys().filter(|id| !seen.entries.contains_key(id)) {
-        let _ =
-            super::object_manager::remove::<SnapshotIface>(server, &snapshot_path(d, gone.0)).await;
+        super::object_manager::announce_removed::<SnapshotIface>(server, &snapshot_path(d, gone.0))
+            .await;
     }
     for new in seen.entries.keys().filter(|id| !before.contains_key(id)) {
         serve_snapshot(server, service, handle, *new).await;
@@ -620,39 +615,23 @@ pub async fn sync_seen(
         if old == new && was_current == is_current && !children_changed {
             continue;
         }
-        let Ok(iface) = server
-            .interface::<_, SnapshotIface>(snapshot_path(d, id.0).as_str())
-            .await
-        else {
-            continue;
-        };
-        let e = iface.signal_emitter();
-        let i = iface.get().await;
-        // A failed emission only means nobody was told; the properties stay right.
-        if was_current != is_current {
-            let _ = i.is_current_changed(e).await;
+        let mut names = Vec::new();
+        for (changed, name) in [
+            (was_current != is_current, "IsCurrent"),
+            (children_changed, "Children"),
+            (old.parent != new.parent, "Parent"),
+            (old.description != new.description, "Description"),
+            (old.disks != new.disks, "Disks"),
+            (old.status != new.status, "Status"),
+            (old.protected != new.protected, "Protected"),
+            (old.origin != new.origin, "Origin"),
+        ] {
+            if changed {
+                names.push(name);
+            }
         }
-        if children_changed {
-            let _ = i.children_changed(e).await;
-        }
-        if old.parent != new.parent {
-            let _ = i.parent_changed(e).await;
-        }
-        if old.description != new.description {
-            let _ = i.description_changed(e).await;
-        }
-        if old.disks != new.disks {
-            let _ = i.disks_changed(e).await;
-        }
-        if old.status != new.status {
-            let _ = i.status_changed(e).await;
-        }
-        if old.protected != new.protected {
-            let _ = i.protected_changed(e).await;
-        }
-        if old.origin != new.origin {
-            let _ = i.origin_changed(e).await;
-        }
+        let i = transient(service, handle, *id);
+        properties_changed(server, &i, &snapshot_path(d, id.0), &names).await;
     }
     seen
 }
