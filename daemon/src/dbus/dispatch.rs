@@ -629,3 +629,35 @@ fn machine_id() -> Option<String> {
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_after_takes_only_a_number_right_below_the_prefix() {
+        let p = "/org/vmsnap/VmSnap1/job";
+        assert_eq!(id_after("/org/vmsnap/VmSnap1/job/17", p), Some(17));
+        for other in [
+            "/org/vmsnap/VmSnap1/job",
+            "/org/vmsnap/VmSnap1/job/",
+            "/org/vmsnap/VmSnap1/job/1/2",
+            "/org/vmsnap/VmSnap1/job/x1",
+            "/org/vmsnap/VmSnap1/job/-1",
+            "/org/vmsnap/VmSnap1/jobs/1",
+            "/org/vmsnap/VmSnap1/job/99999999999999999999",
+        ] {
+            assert_eq!(id_after(other, p), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn size_cache_reuses_an_answer_per_snapshot() {
+        let cache = SizeCache::default();
+        let a = (DomainId(1), SnapshotId(1));
+        let b = (DomainId(1), SnapshotId(2));
+        assert_eq!(cache.get_or(a, || 10), 10);
+        assert_eq!(cache.get_or(a, || 20), 10, "reused within the time to live");
+        assert_eq!(cache.get_or(b, || 30), 30, "another snapshot computes its own");
+    }
+}
