@@ -658,6 +658,10 @@ mod tests {
         let b = (DomainId(1), SnapshotId(2));
         assert_eq!(cache.get_or(a, || 10), 10);
         assert_eq!(cache.get_or(a, || 20), 10, "reused within the time to live");
-        assert_eq!(cache.get_or(b, || 30), 30, "another snapshot computes its own");
+        assert_eq!(
+            cache.get_or(b, || 30),
+            30,
+            "another snapshot computes its own"
+        );
     }
 }

@@ -224,8 +224,10 @@ pub fn render(
            absolute times, are the stable result.\n\
          - Floors: external disk-only = one `transaction` of two `blockdev-snapshot-sync` \
            (overlay files named up front); internal checkpoint = `snapshot-save` job until \
-           concluded + `job-dismiss`; revert = `stop` + `snapshot-load` job + `cont`; delete \
-           internal = `snapshot-delete` job; delete an external leaf = active `block-commit` \
+           concluded + `job-dismiss` (the floor's image also gets an untimed second \
+           checkpoint per round, as vmsnapd's gets one through D-Bus and one through the \
+           client, and loses it again in the delete round); revert = `stop` + \
+           `snapshot-load` job + `cont`; delete internal = `snapshot-delete` job; delete an external leaf = active `block-commit` \
            of both disks' top overlays into the layer below + `job-complete` (the daemon \
            deletes the current leaf snapshot of the same chain, client and D-Bus in turn); external \
            checkpoint = `stop` + `getfd` (the file passed with SCM_RIGHTS) + `migrate fd:` \
