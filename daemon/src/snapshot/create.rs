@@ -591,7 +591,10 @@ async fn live_steps(
             fail_point(plan, STEP_AFTER_TRANSACTION)?;
         }
         MemoryMode::Internal => {
-            if running {
+            // `snapshot-save` pauses a running guest for the save and resumes it itself; the
+            // daemon pauses it first only when external disks must switch to their overlays
+            // at the same instant (after the save, before the guest runs again).
+            if running && !actions.is_empty() {
                 qmp.stop()
                     .await
                     .map_err(ServiceError::qemu("cannot pause the guest"))?;

@@ -217,7 +217,9 @@ pub fn render(
            bus connection, call, output). **Raw QMP floor**: the benchmark's own QMP client on \
            a QEMU it started itself (like the harness's `ForeignQemu`: q35, `-nodefaults`, \
            `-blockdev` disks on virtio-blk, with the same accelerator as vmsnapd's guests; the \
-           same disks, guest code and RAM size), doing the least QEMU needs \
+           same disks, guest code and RAM size, and the devices vmsnapd adds to every q35 \
+           guest: four `pcie-root-port`s and a `virtio-scsi-pci`, whose state a checkpoint \
+           saves and a revert loads), doing the least QEMU needs \
            for the same effect.\n\
          - The three columns are interleaved per repetition ({} repetitions; {} for the 1 GiB \
            guest), so slow phases of a shared machine hit all of them alike. Ratios, not \
@@ -233,6 +235,11 @@ pub fn render(
            checkpoint = `stop` + `getfd` (the file passed with SCM_RIGHTS) + `migrate fd:` \
            until the `MIGRATION` event says completed + `cont`, with `max-bandwidth` unlimited \
            as the daemon sets it.\n\
+         - The guests of the other operations (64 MiB) boot a sector that halts at once with \
+           interrupts off, so their virtual CPUs sleep: on two host cores a busy TCG guest \
+           takes a core each, and every process of the D-Bus path (client, dbus-daemon, \
+           vmsnapd) would then wait for a core at each hop, which the floor's single hop \
+           mostly does not. The 1 GiB guests start after them.\n\
          - The 1 GiB guest is a hand-assembled boot sector (`xtask/src/bench/guest.rs`) that \
            enters protected mode and fills guest RAM from 1 MiB to 1 GiB with a non-zero \
            pattern (zero pages would be skipped by migration), then halts; both guests are \
