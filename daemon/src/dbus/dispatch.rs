@@ -362,13 +362,14 @@ impl Dispatcher {
             ROOT_PATH => return Some(Object::Root),
             _ => {}
         }
+        // A prefix node exists while something is below it, as in zbus's object tree.
         if path == domains {
-            let ids = self.service.domains().into_iter().map(|h| h.id().0);
-            return Some(Object::Node(names(ids)));
+            let ids = names(self.service.domains().into_iter().map(|h| h.id().0));
+            return (!ids.is_empty()).then_some(Object::Node(ids));
         }
         if path == jobs {
-            let ids = self.service.jobs.ids().into_iter().map(|j| j.0);
-            return Some(Object::Node(names(ids)));
+            let ids = names(self.service.jobs.ids().into_iter().map(|j| j.0));
+            return (!ids.is_empty()).then_some(Object::Node(ids));
         }
         if let Some(id) = id_after(path, &jobs) {
             let server = self.registry.server();

@@ -899,13 +899,15 @@ impl Actor {
                 .expect("catalog lock poisoned")
                 .delete_snapshot(id)?,
         }
-        let cat = self.shared.catalog.lock().expect("catalog lock poisoned");
-        let current = cat.domain(self.id())?.current_snapshot;
-        let reread = changed
-            .iter()
-            .map(|c| cat.snapshot(*c))
-            .collect::<Result<Vec<_>, _>>()?;
-        drop(cat);
+        let (current, reread) = {
+            let cat = self.shared.catalog.lock().expect("catalog lock poisoned");
+            let current = cat.domain(self.id())?.current_snapshot;
+            let reread = changed
+                .iter()
+                .map(|c| cat.snapshot(*c))
+                .collect::<Result<Vec<_>, _>>()?;
+            (current, reread)
+        };
         self.info.send_modify(|i| {
             i.current_snapshot = current;
             let map = Arc::make_mut(&mut i.snapshots);
@@ -919,8 +921,67 @@ impl Actor {
         {
             tracing::warn!(file = %f.display(), error = %e, "could not remove the memory file");
         }
+        if !metadata_only {
+            self.remove_unreachable_overlays(&rec).await;
+        }
         info!(domain = %self.name(), snapshot = %rec.name, metadata_only, "snapshot deleted");
         Ok(())
+    }
+
+    /// Removes the overlays of deleted snapshot `rec` that nothing can reach any more: the
+    /// state a branch the guest left had reached after `rec`, kept only for `rec` (a merge
+    /// that had to keep `rec`'s image, or streamed it into its dependents, leaves it behind).
+    /// An overlay stays while the definition, another record or another image uses it, or
+    /// the guest's QEMU holds it open.
+    async fn remove_unreachable_overlays(&self, rec: &SnapshotRecord) {
+        let overlays: Vec<PathBuf> = record::disks(rec)
+            .into_iter()
+            .filter(|d| d.mode == "external")
+            .filter_map(|d| d.overlay)
+            .filter(|o| o.exists())
+            .collect();
+        if overlays.is_empty() {
+            return;
+        }
+        let referenced = |o: &Path| {
+            let info = self.info.borrow();
+            info.def.disks.iter().any(|d| d.source == o)
+                || info.snapshots.values().any(|r| {
+                    record::disks(r).iter().any(|d| {
+                        d.image == o
+                            || d.overlay.as_deref() == Some(o)
+                            || d.snapshot_file.as_deref() == Some(o)
+                    })
+                })
+        };
+        let Ok(index) = self.backing_index().await else {
+            return;
+        };
+        // What QEMU holds open, found through protocol nodes (overlays carry `json:` names).
+        let graph = match (&self.qmp, self.state().is_active()) {
+            (Some(q), true) => match super::nodes::Graph::fetch(q).await {
+                Ok(g) => Some(g),
+                // Not knowing what QEMU holds, keep everything.
+                Err(_) => return,
+            },
+            _ => None,
+        };
+        let open = |o: &Path| {
+            graph
+                .as_ref()
+                .is_some_and(|g| g.format_node_of(o).is_some())
+        };
+        for o in overlays {
+            if referenced(&o) || !index.dependents(&o).is_empty() || open(&o) {
+                continue;
+            }
+            match std::fs::remove_file(&o) {
+                Ok(()) => info!(file = %o.display(), "removed an overlay nothing uses any more"),
+                Err(e) => {
+                    tracing::warn!(file = %o.display(), error = %e, "could not remove an unused overlay")
+                }
+            }
+        }
     }
 
     async fn delete_internal_tag(

@@ -117,3 +117,100 @@ async fn introspection_xml_matches_committed_file() {
          `cargo xtask dbus-xml` (or this test with VMSNAP_BLESS=1).\n--- expected:\n{doc}"
     );
 }
+
+/// The `<node name=…/>` children an introspection document lists.
+fn child_nodes(xml: &str) -> Vec<String> {
+    xml.lines()
+        .filter_map(|l| l.trim().strip_prefix("<node name=\""))
+        .filter_map(|l| l.split('"').next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_tree_walks_from_the_root_to_each_snapshot_and_nothing_else() {
+    // Snapshot objects are not registered anywhere: the tree is answered from the catalog.
+    let env = TestEnv::start();
+    let conn = env.connect().await;
+    let domains = format!("{ROOT_PATH}/domain");
+    assert!(
+        !child_nodes(&introspect(&conn, ROOT_PATH).await).contains(&"domain".to_string()),
+        "no domain node before any domain"
+    );
+    let unknown = IntrospectableProxy::builder(&conn)
+        .destination(BUS_NAME)
+        .path(domains.clone())
+        .build()
+        .await
+        .unwrap()
+        .introspect()
+        .await
+        .unwrap_err();
+    assert!(unknown.to_string().contains("UnknownObject"), "{unknown}");
+
+    let img = env.images_dir().join("t.qcow2");
+    qemu_img_create(&img, "qcow2", "16M");
+    let xml = env.write_xml(
+        "t.xml",
+        &domain_xml("tree", &[DiskSpec::new(&img, "qcow2", "vda")]),
+    );
+    env.client.ok(["domain", "define", xml.to_str().unwrap()]);
+    env.client.ok(["create", "tree", "--name", "s1"]);
+    env.client.ok(["create", "tree", "--name", "s2"]);
+    let m = ManagerProxy::new(&conn).await.unwrap();
+    let dpath = m.find_domain("tree").await.unwrap();
+    let d = DomainProxy::builder(&conn)
+        .path(dpath.clone())
+        .build()
+        .await
+        .unwrap();
+    let snaps = d.list_snapshots().await.unwrap();
+
+    // Walk down from "/" by the child names each level lists.
+    let mut path = String::new();
+    for part in ["org", "vmsnap", "VmSnap1", "domain"] {
+        let at = if path.is_empty() { "/" } else { path.as_str() };
+        let children = child_nodes(&introspect(&conn, at).await);
+        assert!(children.contains(&part.to_string()), "{at}: {children:?}");
+        path = format!("{path}/{part}");
+    }
+    let id = dpath.as_str().rsplit('/').next().unwrap().to_string();
+    assert_eq!(child_nodes(&introspect(&conn, &domains).await), [id]);
+    assert_eq!(
+        child_nodes(&introspect(&conn, dpath.as_str()).await),
+        ["snapshot"]
+    );
+    let listed = child_nodes(&introspect(&conn, &format!("{}/snapshot", dpath.as_str())).await);
+    let expected: Vec<String> = snaps
+        .iter()
+        .map(|p| p.as_str().rsplit('/').next().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, expected);
+    let leaf = introspect(&conn, snaps[1].as_str()).await;
+    assert!(leaf.contains("org.vmsnap.VmSnap1.Snapshot"), "{leaf}");
+    assert!(child_nodes(&leaf).is_empty());
+
+    // Peer answers on any path, a snapshot's included; a path past the last id is unknown.
+    zbus::fdo::PeerProxy::builder(&conn)
+        .destination(BUS_NAME)
+        .path(snaps[0].clone())
+        .build()
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
+    let gone = format!("{}/snapshot/999", dpath.as_str());
+    let err = zbus::fdo::PropertiesProxy::builder(&conn)
+        .destination(BUS_NAME)
+        .path(gone)
+        .build()
+        .await
+        .unwrap()
+        .get_all(zbus::names::InterfaceName::from_static_str_unchecked(
+            vmsnap_dbus::names::SNAPSHOT_INTERFACE,
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("UnknownObject"), "{err}");
+}

@@ -172,3 +172,40 @@ async fn delete_external_whose_overlay_holds_later_internal_tags_is_refused_unle
         "the guest's last write was merged into the image below"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_of_a_left_branch_removes_its_overlay_and_keeps_the_guest() {
+    // e1's overlays hold the state the guest reached after e1 on the branch a revert left;
+    // once e1 is deleted nothing can reach them, so they go (and nothing else does).
+    let env = TestEnv::start();
+    setup(&env, "lb");
+    let b = source(&env, "lb", "vdb");
+    write_vdb(&env, "lb", 0xa1);
+    env.client
+        .ok(["create", "lb", "--name", "e1", "--disk-only"]);
+    let (a1, b1) = (source(&env, "lb", "vda"), source(&env, "lb", "vdb"));
+    write_vdb(&env, "lb", 0xb2);
+    env.client.ok(["revert", "lb", "e1", "--running"]);
+    let b2 = source(&env, "lb", "vdb");
+    assert!(
+        b2 != b1 && b1.exists(),
+        "a new branch; the old overlay stays for e1"
+    );
+    write_vdb(&env, "lb", 0xc3);
+    env.client.ok(["delete", "lb", "e1"]);
+    assert!(
+        !a1.exists() && !b1.exists(),
+        "the left branch's overlays are gone"
+    );
+    assert!(b.exists(), "the image below stays");
+    assert_eq!(source(&env, "lb", "vdb"), b2, "the guest kept its branch");
+    assert_eq!(
+        env.client.json(["domain", "info", "lb"])["state"],
+        "running"
+    );
+    env.client.ok(["domain", "destroy", "lb"]);
+    assert!(
+        qemu_io_verify_pattern(&b2, "qcow2", 0xc3, OFF, 4096),
+        "the branch holds the guest's last write"
+    );
+}
