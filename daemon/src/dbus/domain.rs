@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use super::auth::{self, Action, authorize};
 use super::job::run_job;
 use super::options::Options;
-use super::snapshot::{SnapshotsSeen, serve_snapshot, sync_seen};
+use super::snapshot::{SnapshotsSeen, sync_seen};
 use super::wire_error;
 use crate::domain::actor::{DEFAULT_SHUTDOWN_TIMEOUT, DomainHandle, DomainInfo};
 use crate::domain::def::DiskDef;
@@ -267,7 +267,6 @@ impl DomainIface {
         xml: String,
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
-        #[zbus(object_server)] server: &ObjectServer,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<OwnedObjectPath, Error> {
         authorize(&header, Action::Create).await?;
@@ -284,8 +283,8 @@ impl DomainIface {
             .redefine_snapshot(doc, current)
             .await
             .map_err(wire_error)?;
-        // Serve the new object before anyone hears of it.
-        serve_snapshot(server, &self.service, &self.handle, id).await;
+        // The object is served from the published record already; the domain's forwarder
+        // announces it (`InterfacesAdded`) once, like every new record.
         let p = obj(snapshot_path(self.handle.id().0, id.0));
         let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
         Ok(p)
@@ -592,8 +591,6 @@ impl DomainIface {
         auth::record_owner(&job, header).await;
         let handle = self.handle.clone();
         let j = job.clone();
-        let server2 = server.clone();
-        let service = self.service.clone();
         let emitter = emitter.into_owned();
         let (path, rx) = run_job(server, &self.service, job, async move {
             let _guard = guard;
@@ -607,8 +604,7 @@ impl DomainIface {
                 // Still under the operation slot, so no prune can see it unprotected.
                 handle.set_protected(id, true).await?;
             }
-            // Serve the new object before anyone hears of it.
-            serve_snapshot(&server2, &service, &handle, id).await;
+            // Served from the published record already; the forwarder announces it once.
             let p = obj(snapshot_path(handle.id().0, id.0));
             let _ = DomainIface::snapshot_created(&emitter, p.as_ref()).await;
             Ok(p)

@@ -558,7 +558,7 @@ fn transient(service: &Arc<Service>, handle: &DomainHandle, id: SnapshotId) -> S
 
 /// Announces the object of snapshot `id` (served from the domain's information as soon as the
 /// record is published; see `dispatch`).
-pub async fn serve_snapshot(
+pub async fn announce_snapshot(
     server: &ObjectServer,
     service: &Arc<Service>,
     handle: &DomainHandle,
@@ -600,7 +600,7 @@ pub async fn sync_seen(
             .await;
     }
     for new in seen.entries.keys().filter(|id| !before.contains_key(id)) {
-        serve_snapshot(server, service, handle, *new).await;
+        announce_snapshot(server, service, handle, *new).await;
     }
     let Some(last) = last else { return seen };
     let no_children = Vec::new();

@@ -934,15 +934,6 @@ impl Actor {
     /// An overlay stays while the definition, another record or another image uses it, or
     /// the guest's QEMU holds it open.
     async fn remove_unreachable_overlays(&self, rec: &SnapshotRecord) {
-        let overlays: Vec<PathBuf> = record::disks(rec)
-            .into_iter()
-            .filter(|d| d.mode == "external")
-            .filter_map(|d| d.overlay)
-            .filter(|o| o.exists())
-            .collect();
-        if overlays.is_empty() {
-            return;
-        }
         let referenced = |o: &Path| {
             let info = self.info.borrow();
             info.def.disks.iter().any(|d| d.source == o)
@@ -954,6 +945,16 @@ impl Actor {
                     })
                 })
         };
+        // Cheap checks first: the images and QEMU are asked only about what is left.
+        let overlays: Vec<PathBuf> = record::disks(rec)
+            .into_iter()
+            .filter(|d| d.mode == "external")
+            .filter_map(|d| d.overlay)
+            .filter(|o| o.exists() && !referenced(o))
+            .collect();
+        if overlays.is_empty() {
+            return;
+        }
         let Ok(index) = self.backing_index().await else {
             return;
         };
@@ -972,7 +973,7 @@ impl Actor {
                 .is_some_and(|g| g.format_node_of(o).is_some())
         };
         for o in overlays {
-            if referenced(&o) || !index.dependents(&o).is_empty() || open(&o) {
+            if !index.dependents(&o).is_empty() || open(&o) {
                 continue;
             }
             match std::fs::remove_file(&o) {

@@ -253,6 +253,15 @@ async fn object_manager_objects_after_start_are_announced_and_none_at_start() {
         String::try_from(props["Name"].try_clone().unwrap()).unwrap(),
         "ann2"
     );
+    // Signals arrive in order: by now every announcement of `new` has come, and it came once.
+    assert_eq!(
+        rec.events()
+            .iter()
+            .filter(|s| is_added(s, new.as_str()))
+            .count(),
+        1,
+        "one InterfacesAdded per new snapshot"
+    );
     // Undefined with its snapshot records: the snapshot's object goes too.
     env.client.ok(["create", "ann2", "--name", "s2"]);
     let s2 = env.client.json(["info", "ann2", "s2"])["path"]
